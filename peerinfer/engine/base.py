@@ -1,0 +1,112 @@
+"""The narrow interface every engine offers, and the plain data that crosses it.
+
+An engine takes a tokenised prompt with sampling parameters and yields events: text deltas
+(already safe to display: whole UTF-8 characters, never part of a stop string) and one final
+``Finished``. The server never touches llama.cpp directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stops: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the loaded model is; the API and the network describe it from this."""
+
+    model_id: str
+    path: str
+    sha256: str
+    size_bytes: int
+    n_ctx: int
+    slots: int
+    n_threads: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+Event = TextDelta | Finished
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    slots_total: int
+    slots_busy: int
+    queued: int
+
+
+@dataclass
+class Generation:
+    """One request inside an engine. The engine's thread pushes events; the server awaits them."""
+
+    prompt_tokens: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def push(self, event: Event) -> None:
+        """Thread-safe: deliver an event to the awaiting coroutine."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:
+            # The event loop is closed: nobody is listening any more.
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def stream(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self.events.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+class Engine(Protocol):
+    """What the server needs from an engine."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def load(self) -> None:
+        """Blocking: load weights. Called once, off the event loop."""
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]: ...
+
+    def submit(self, generation: Generation) -> None:
+        """Queue a generation; raises ``OverloadedError`` when the queue is full."""
+
+    def stats(self) -> EngineStats: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,121 @@
+"""A scripted engine for fast tests: byte-level tokens, replies chosen by a function.
+
+Token ids: 0 is end-of-generation, ``b + 1`` is the byte ``b``. A reply is emitted one byte per
+token, so multi-byte characters are split across tokens exactly as a real tokenizer can split them.
+The scheduling (slots, queue, cancellation, stops, limits) is the real ``BatchScheduler``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+
+from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingParams
+from peerinfer.engine.scheduler import BatchScheduler, SlotWork
+
+END_TOKEN = 0
+Responder = Callable[[str], str]
+
+
+def echo_responder(prompt: str) -> str:
+    return f"You said: {prompt.strip().splitlines()[-1] if prompt.strip() else ''}"
+
+
+class FakeBackend:
+    def __init__(self, responder: Responder, n_ctx: int, token_delay_s: float) -> None:
+        self.n_ctx_per_slot = n_ctx
+        self._responder = responder
+        self._delay = token_delay_s
+        self._prompt: dict[int, list[int]] = {}
+        self._reply: dict[int, list[int]] = {}
+
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        self._prompt[slot] = []
+        self._reply.pop(slot, None)
+
+    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+        if self._delay:
+            time.sleep(self._delay)
+        sampled: dict[int, int] = {}
+        for item in work:
+            reply = self._reply.get(item.slot)
+            if reply is None:
+                self._prompt[item.slot].extend(item.tokens)
+                if not item.want_output:
+                    continue
+                prompt = bytes(token - 1 for token in self._prompt[item.slot]).decode("utf-8", "replace")
+                reply = [byte + 1 for byte in self._responder(prompt).encode()] + [END_TOKEN]
+                self._reply[item.slot] = reply
+            sampled[item.slot] = reply.pop(0) if reply else END_TOKEN
+        return sampled
+
+    def piece(self, token: int) -> bytes:
+        return bytes([token - 1])
+
+    def is_end(self, token: int) -> bool:
+        return token == END_TOKEN
+
+    def release(self, slot: int) -> None:
+        self._prompt.pop(slot, None)
+        self._reply.pop(slot, None)
+
+
+class FakeEngine:
+    """An ``Engine`` whose replies come from ``responder``; ``token_delay_s`` paces each step."""
+
+    def __init__(
+        self,
+        responder: Responder = echo_responder,
+        *,
+        token_delay_s: float = 0.0,
+        load_delay_s: float = 0.0,
+        n_ctx: int = 4096,
+        slots: int = 2,
+        max_queue: int = 4,
+        chat_template: str | None = None,
+    ) -> None:
+        self._info = ModelInfo(
+            model_id="fake-model",
+            path="fake.gguf",
+            sha256=hashlib.sha256(b"fake-model").hexdigest(),
+            size_bytes=0,
+            n_ctx=n_ctx,
+            slots=slots,
+            n_threads=1,
+            chat_template=chat_template,
+            bos_token="",
+            eos_token="",
+        )
+        self._load_delay = load_delay_s
+        self._loaded = False
+        self._scheduler = BatchScheduler(
+            backend=FakeBackend(responder, n_ctx, token_delay_s),
+            slots=slots,
+            max_queue=max_queue,
+            n_batch=n_ctx,
+            prefill_chunk=n_ctx,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def load(self) -> None:
+        if self._loaded:
+            return
+        time.sleep(self._load_delay)
+        self._scheduler.start()
+        self._loaded = True
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        return [byte + 1 for byte in text.encode()]
+
+    def submit(self, generation: Generation) -> None:
+        self._scheduler.submit(generation)
+
+    def stats(self) -> EngineStats:
+        return self._scheduler.stats()
+
+    def close(self) -> None:
+        self._scheduler.close()

@@ -1,0 +1,224 @@
+"""The llama.cpp seam: the only module that imports ``llama_cpp``.
+
+It uses llama-cpp-python's low-level bindings: one context with one KV sequence per slot, one
+``llama_batch`` per step, and one sampler chain per slot that samples straight from llama.cpp's
+logits buffer (no copy of the 262k-entry logits row into Python).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import llama_cpp as lc
+
+from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingParams
+from peerinfer.engine.model_files import ModelFile, open_model_file
+from peerinfer.engine.scheduler import BatchScheduler, SlotWork
+from peerinfer.errors import EngineError
+from peerinfer.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+_llama_log = logging.getLogger("peerinfer.llama_cpp")
+
+
+@lc.llama_log_callback  # type: ignore[untyped-decorator]
+def _forward_llama_log(level: int, text: bytes, user_data: Any) -> None:
+    _llama_log.debug("%s", text.decode("utf-8", "replace").rstrip())
+
+
+def _token_text(vocab: Any, token: int) -> str:
+    if token < 0:
+        return ""
+    return bytes(lc.llama_vocab_get_text(vocab, token) or b"").decode("utf-8", "replace")
+
+
+class LlamaBackend:
+    """One llama.cpp model and context, decoded by exactly one thread."""
+
+    def __init__(self, model_file: ModelFile, settings: WorkerSettings) -> None:
+        lc.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
+        lc.llama_backend_init()
+        model_params = lc.llama_model_default_params()
+        model = lc.llama_model_load_from_file(str(model_file.path).encode(), model_params)
+        if not model:
+            raise EngineError(
+                f"llama.cpp could not load {model_file.path}; the file may be corrupt or use an "
+                "architecture this llama.cpp build does not know"
+            )
+        self.model = model
+        self.n_batch = settings.n_batch
+        ctx_params = lc.llama_context_default_params()
+        ctx_params.n_ctx = settings.n_ctx * settings.slots
+        ctx_params.n_batch = settings.n_batch
+        ctx_params.n_ubatch = settings.n_batch
+        ctx_params.n_seq_max = settings.slots
+        ctx_params.n_threads = settings.n_threads
+        ctx_params.n_threads_batch = settings.n_threads
+        ctx_params.kv_unified = False
+        ctx_params.no_perf = True
+        ctx = lc.llama_init_from_model(model, ctx_params)
+        if not ctx:
+            lc.llama_model_free(model)
+            raise EngineError(
+                f"llama.cpp could not create a context of {settings.n_ctx} tokens x {settings.slots} slots; "
+                "lower PEERINFER_N_CTX or PEERINFER_SLOTS"
+            )
+        self.ctx = ctx
+        self.vocab = lc.llama_model_get_vocab(model)
+        self.memory = lc.llama_get_memory(ctx)
+        self.n_ctx_per_slot = int(lc.llama_n_ctx_seq(ctx))
+        self.batch = lc.llama_batch_init(settings.n_batch, 0, 1)
+        self._samplers: dict[int, Any] = {}
+        self._pieces: dict[int, bytes] = {}
+        template = lc.llama_model_chat_template(model, None)
+        self.chat_template = template.decode("utf-8", "replace") if template else None
+        self.bos_token = _token_text(self.vocab, lc.llama_vocab_bos(self.vocab))
+        self.eos_token = _token_text(self.vocab, lc.llama_vocab_eos(self.vocab))
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            buffer = (lc.llama_token * capacity)()
+            count = lc.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_bos, True)
+            if count >= 0:
+                return list(buffer[:count])
+            capacity = -count
+
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if params.temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            if params.top_p < 1.0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
+            seed = params.seed if params.seed is not None else secrets.randbits(32)
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self._samplers[slot] = chain
+
+    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+        batch = self.batch
+        outputs: list[tuple[int, int]] = []
+        count = 0
+        for item in work:
+            last = len(item.tokens) - 1
+            for offset, token in enumerate(item.tokens):
+                batch.token[count] = token
+                batch.pos[count] = item.start + offset
+                batch.n_seq_id[count] = 1
+                batch.seq_id[count][0] = item.slot
+                wants = item.want_output and offset == last
+                batch.logits[count] = wants
+                if wants:
+                    outputs.append((item.slot, count))
+                count += 1
+        batch.n_tokens = count
+        status = lc.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise EngineError(f"llama_decode failed with status {status} on a batch of {count} tokens")
+        return {slot: int(lc.llama_sampler_sample(self._samplers[slot], self.ctx, index)) for slot, index in outputs}
+
+    def piece(self, token: int) -> bytes:
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            count = lc.llama_token_to_piece(self.vocab, token, buffer, size, 0, False)
+            if count >= 0:
+                piece = buffer.raw[:count]
+                self._pieces[token] = piece
+                return piece
+            size = -count
+
+    def is_end(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+
+    def release(self, slot: int) -> None:
+        lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        chain = self._samplers.pop(slot, None)
+        if chain is not None:
+            lc.llama_sampler_free(chain)
+
+    def close(self) -> None:
+        for slot in list(self._samplers):
+            self.release(slot)
+        lc.llama_batch_free(self.batch)
+        lc.llama_free(self.ctx)
+        lc.llama_model_free(self.model)
+
+
+class LlamaEngine:
+    """The production engine: a ``LlamaBackend`` driven by a ``BatchScheduler``.
+
+    Construction touches no disk; ``load`` resolves, checks and loads the model.
+    """
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self._settings = settings
+        self._backend: LlamaBackend | None = None
+        self._scheduler: BatchScheduler | None = None
+        self._info: ModelInfo | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise EngineError("the model is not loaded yet")
+        return self._info
+
+    def load(self) -> None:
+        if self._scheduler is not None:
+            return
+        settings = self._settings
+        model_file = open_model_file(settings.model, settings.cache_dir)
+        backend = LlamaBackend(model_file, settings)
+        self._backend = backend
+        self._info = ModelInfo(
+            model_id=model_file.model_id,
+            path=str(model_file.path),
+            sha256=model_file.sha256,
+            size_bytes=model_file.size_bytes,
+            n_ctx=backend.n_ctx_per_slot,
+            slots=settings.slots,
+            n_threads=settings.n_threads,
+            chat_template=backend.chat_template,
+            bos_token=backend.bos_token,
+            eos_token=backend.eos_token,
+        )
+        self._scheduler = BatchScheduler(
+            backend=backend,
+            slots=settings.slots,
+            max_queue=settings.max_queue,
+            n_batch=settings.n_batch,
+            prefill_chunk=settings.prefill_chunk,
+        )
+        self._scheduler.start()
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        if self._backend is None:
+            raise EngineError("the model is not loaded yet")
+        return self._backend.tokenize(text, add_bos)
+
+    def submit(self, generation: Generation) -> None:
+        if self._scheduler is None:
+            raise EngineError("the model is not loaded yet")
+        self._scheduler.submit(generation)
+
+    def stats(self) -> EngineStats:
+        if self._scheduler is None:
+            return EngineStats(slots_total=self._settings.slots, slots_busy=0, queued=0)
+        return self._scheduler.stats()
+
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+        if self._backend is not None:
+            self._backend.close()
+        self._scheduler = None
+        self._backend = None

@@ -1,0 +1,227 @@
+"""Continuous batching over N slots, independent of the decoding library.
+
+One thread owns the decoder (a llama.cpp context is not thread-safe, so nothing else touches it).
+Each step it:
+
+1. admits waiting requests into free slots, first in first out;
+2. frees slots whose client went away (within one step, i.e. about one token);
+3. builds one batch: one token for every generating slot, plus a chunk of prompt for slots still
+   reading their prompt (small while others generate, so a long prompt does not stall them);
+4. decodes it, samples per slot, and turns token bytes into text deltas.
+
+The decoder is a ``DecodeBackend``: llama.cpp in production, a scripted fake in fast tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from peerinfer.engine.base import EngineStats, Finished, FinishReason, Generation, SamplingParams, TextDelta
+from peerinfer.engine.text import TextAssembler
+from peerinfer.errors import OverloadedError, PeerInferError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlotWork:
+    """Tokens of one slot to decode in this step, starting at position ``start``."""
+
+    slot: int
+    tokens: Sequence[int]
+    start: int
+    want_output: bool
+
+
+class DecodeBackend(Protocol):
+    n_ctx_per_slot: int
+
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        """Prepare a slot (its sampler) for a new request."""
+
+    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+        """Decode one batch; return the sampled token of every slot that asked for output."""
+
+    def piece(self, token: int) -> bytes: ...
+
+    def is_end(self, token: int) -> bool: ...
+
+    def release(self, slot: int) -> None:
+        """Forget a slot's KV cache and sampler."""
+
+
+@dataclass
+class _Slot:
+    index: int
+    generation: Generation
+    assembler: TextAssembler
+    admitted_at: float
+    prefilled: int = 0
+    position: int = 0
+    next_token: int | None = None
+    generated: int = 0
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.generation.prompt_tokens) - self.prefilled
+
+
+@dataclass
+class BatchScheduler:
+    """Runs generations on a ``DecodeBackend`` in one background thread."""
+
+    backend: DecodeBackend
+    slots: int
+    max_queue: int
+    n_batch: int
+    prefill_chunk: int
+    _waiting: deque[Generation] = field(default_factory=deque)
+    _active: dict[int, _Slot] = field(default_factory=dict)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _running: bool = False
+    _thread: threading.Thread | None = None
+    _mean_request_s: float = 5.0
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="peerinfer-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for generation in list(self._waiting):
+            generation.push(Finished("error", len(generation.prompt_tokens), 0, "the worker is shutting down"))
+        self._waiting.clear()
+
+    def submit(self, generation: Generation) -> None:
+        with self._cond:
+            if len(self._waiting) + len(self._active) >= self.slots + self.max_queue:
+                raise OverloadedError(
+                    f"all {self.slots} slots are busy and {len(self._waiting)} requests are already waiting "
+                    f"(queue limit {self.max_queue}); retry later or raise PEERINFER_MAX_QUEUE",
+                    retry_after=self.retry_after(),
+                )
+            self._waiting.append(generation)
+            self._cond.notify_all()
+
+    def retry_after(self) -> int:
+        """Seconds a rejected client should wait: the queue ahead of it, spread over the slots."""
+        ahead = len(self._waiting) + 1
+        return max(1, min(120, math.ceil(ahead / self.slots * self._mean_request_s)))
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(slots_total=self.slots, slots_busy=len(self._active), queued=len(self._waiting))
+
+    # The scheduler thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._running and not self._waiting and not self._active:
+                    self._cond.wait()
+                if not self._running:
+                    break
+                self._admit()
+            self._reap_cancelled()
+            if self._active:
+                self._step()
+        for slot in list(self._active.values()):
+            self._finish(slot, "error", "the worker is shutting down")
+
+    def _admit(self) -> None:
+        free = [index for index in range(self.slots) if index not in self._active]
+        while free and self._waiting:
+            generation = self._waiting.popleft()
+            if generation.cancelled.is_set():
+                generation.push(Finished("cancelled", len(generation.prompt_tokens), 0))
+                continue
+            index = free.pop(0)
+            try:
+                self.backend.begin(index, generation.params)
+            except PeerInferError as exc:
+                generation.push(Finished("error", len(generation.prompt_tokens), 0, exc.message))
+                continue
+            self._active[index] = _Slot(
+                index=index,
+                generation=generation,
+                assembler=TextAssembler(generation.params.stops),
+                admitted_at=time.monotonic(),
+            )
+
+    def _reap_cancelled(self) -> None:
+        for slot in list(self._active.values()):
+            if slot.generation.cancelled.is_set():
+                self._finish(slot, "cancelled")
+
+    def _plan(self) -> list[SlotWork]:
+        work: list[SlotWork] = []
+        for slot in self._active.values():
+            if slot.next_token is not None:
+                work.append(SlotWork(slot.index, [slot.next_token], slot.position, True))
+        budget = self.n_batch - len(work)
+        if work:
+            budget = min(budget, self.prefill_chunk)
+        for slot in sorted(self._active.values(), key=lambda s: s.admitted_at):
+            if slot.next_token is not None or slot.prompt_left == 0 or budget <= 0:
+                continue
+            size = min(budget, slot.prompt_left)
+            tokens = slot.generation.prompt_tokens[slot.prefilled : slot.prefilled + size]
+            work.append(SlotWork(slot.index, tokens, slot.position, size == slot.prompt_left))
+            budget -= size
+        return work
+
+    def _step(self) -> None:
+        work = self._plan()
+        try:
+            sampled = self.backend.decode(work)
+        except PeerInferError as exc:
+            log.error("decode failed for slots %s: %s", [item.slot for item in work], exc.message)
+            for item in work:
+                self._finish(self._active[item.slot], "error", exc.message)
+            return
+        for item in work:
+            slot = self._active[item.slot]
+            slot.position += len(item.tokens)
+            if slot.next_token is None:
+                slot.prefilled += len(item.tokens)
+            if item.slot in sampled:
+                self._accept(slot, sampled[item.slot])
+
+    def _accept(self, slot: _Slot, token: int) -> None:
+        params = slot.generation.params
+        if self.backend.is_end(token):
+            self._finish(slot, "stop")
+            return
+        slot.generated += 1
+        delta, stopped = slot.assembler.feed(self.backend.piece(token))
+        if delta:
+            slot.generation.push(TextDelta(delta))
+        if stopped:
+            self._finish(slot, "stop")
+        elif slot.generated >= params.max_tokens or slot.position >= self.backend.n_ctx_per_slot:
+            self._finish(slot, "length")
+        else:
+            slot.next_token = token
+
+    def _finish(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
+        tail = slot.assembler.finish() if reason in ("stop", "length") else ""
+        if tail:
+            slot.generation.push(TextDelta(tail))
+        slot.generation.push(Finished(reason, len(slot.generation.prompt_tokens), slot.generated, error))
+        self.backend.release(slot.index)
+        with self._cond:
+            del self._active[slot.index]
+        elapsed = time.monotonic() - slot.admitted_at
+        self._mean_request_s = 0.8 * self._mean_request_s + 0.2 * elapsed

@@ -1,0 +1,1 @@
+"""The FastAPI worker: app factory, OpenAI routes, health and error mapping."""

@@ -1,0 +1,218 @@
+"""The worker's FastAPI app. ``create_app`` is cheap: the model loads in the lifespan, off the loop.
+
+Until the model is ready, ``/health`` answers 503 ``{"status": "loading"}`` and the API answers 503
+with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from peerinfer.api import openai as wire
+from peerinfer.api import sse
+from peerinfer.engine.base import Engine
+from peerinfer.errors import AuthError, BodyTooLargeError, OverloadedError, PeerInferError
+from peerinfer.server.errors import error_response, http_error_response
+from peerinfer.server.service import CompletionService, PreparedRequest, collect_json, stream_sse
+from peerinfer.settings import WorkerSettings
+
+log = logging.getLogger("peerinfer.worker")
+READY_LINE = "Model loaded successfully! Ready for inference."
+
+
+@dataclass
+class WorkerState:
+    settings: WorkerSettings
+    engine: Engine
+    owns_engine: bool
+    ready: bool = False
+    load_error: str | None = None
+    loaded_at: int = 0
+    load_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def service(self) -> CompletionService:
+        return CompletionService(self.engine, self.settings)
+
+
+def _configure_logging(level: str) -> None:
+    root = logging.getLogger("peerinfer")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(level.upper())
+
+
+async def _load(state: WorkerState) -> None:
+    started = time.monotonic()
+    try:
+        await asyncio.to_thread(state.engine.load)
+    except PeerInferError as exc:
+        state.load_error = exc.message
+        log.error("cannot start: %s", exc.message)
+        if state.settings.exit_on_load_failure:
+            os._exit(3)  # the same code uvicorn uses for a failed startup
+        return
+    info = state.engine.info
+    state.ready = True
+    state.loaded_at = wire.now()
+    # The proof of concept's contract: scripts wait for exactly this line on stdout.
+    print(READY_LINE, flush=True)
+    log.info(
+        "model %s (%s, %.1f MB, sha256 %s), context %d tokens x %d slots, %d threads, loaded in %.2f s",
+        info.model_id,
+        info.path,
+        info.size_bytes / 1e6,
+        info.sha256,
+        info.n_ctx,
+        info.slots,
+        info.n_threads,
+        time.monotonic() - started,
+    )
+
+
+def create_app(settings: WorkerSettings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the worker app. An injected engine is the caller's to load once and close."""
+    settings = settings or WorkerSettings()
+    _configure_logging(settings.log_level)
+    owns_engine = engine is None
+    if engine is None:
+        from peerinfer.engine.llama import LlamaEngine
+
+        engine = LlamaEngine(settings)
+    state = WorkerState(settings=settings, engine=engine, owns_engine=owns_engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.load_task = asyncio.create_task(_load(state))
+        yield
+        await state.load_task
+        if state.owns_engine:
+            state.engine.close()
+
+    app = FastAPI(title="peerinfer worker", lifespan=lifespan)
+    app.state.worker = state
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PeerInferError)
+    async def on_peerinfer_error(request: Request, exc: PeerInferError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return http_error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+
+def _check_api_key(state: WorkerState, request: Request) -> None:
+    expected = state.settings.api_key
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthError("missing API key; send the header 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(token.strip().encode(), expected.get_secret_value().encode()):
+        raise AuthError("invalid API key; check the key this worker was started with (PEERINFER_API_KEY)")
+
+
+def _require_ready(state: WorkerState) -> None:
+    if not state.ready:
+        detail = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
+        raise OverloadedError(f"{detail}; retry shortly", retry_after=2)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError(f"the request body has {declared} bytes but this worker accepts at most {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise BodyTooLargeError(f"the request body is larger than the {limit} bytes this worker accepts")
+    return bytes(body)
+
+
+def _add_routes(app: FastAPI, state: WorkerState) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not state.ready:
+            body: dict[str, Any] = {"status": "failed" if state.load_error else "loading"}
+            if state.load_error:
+                body["error"] = state.load_error
+            return JSONResponse(body, status_code=503)
+        info = state.engine.info
+        stats = state.engine.stats()
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": info.model_id,
+                "sha256": info.sha256,
+                "n_ctx": info.n_ctx,
+                "slots_total": stats.slots_total,
+                "slots_busy": stats.slots_busy,
+                "slots_free": stats.slots_total - stats.slots_busy,
+                "requests_running": stats.slots_busy,
+                "requests_waiting": stats.queued,
+            }
+        )
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        _check_api_key(state, request)
+        _require_ready(state)
+        info = state.engine.info
+        model = {
+            "id": info.model_id,
+            "object": "model",
+            "created": state.loaded_at,
+            "owned_by": "peerinfer",
+            "sha256": info.sha256,
+            "n_ctx": info.n_ctx,
+        }
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def run(request: Request, prepared: PreparedRequest, stream: bool) -> Response:
+        service = state.service
+        generation = service.start(prepared)
+        model = state.engine.info.model_id
+        if stream:
+            body = stream_sse(prepared, generation, model, state.settings.keepalive_s)
+            return StreamingResponse(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        return JSONResponse(await collect_json(prepared, generation, model, request.is_disconnected))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        _check_api_key(state, request)
+        parsed = wire.parse_request(wire.ChatCompletionRequest, await _read_body(request, state.settings.max_body_bytes))
+        _require_ready(state)
+        return await run(request, await state.service.prepare_chat(parsed), parsed.stream)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        _check_api_key(state, request)
+        parsed = wire.parse_request(wire.CompletionRequest, await _read_body(request, state.settings.max_body_bytes))
+        _require_ready(state)
+        return await run(request, await state.service.prepare_completion(parsed), parsed.stream)

@@ -1,0 +1,32 @@
+"""The one place exceptions become HTTP responses in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi.responses import JSONResponse
+
+from peerinfer.api.openai import error_body
+from peerinfer.errors import OverloadedError, PeerInferError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    if not isinstance(exc, PeerInferError):
+        log.exception("unexpected error while serving a request", exc_info=exc)
+        return JSONResponse(
+            error_body("internal error in the worker; see its log", "server_error", code="internal_error"),
+            status_code=500,
+        )
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+    if exc.status_code >= 500:
+        log.warning("%s", exc.message)
+    return JSONResponse(
+        error_body(exc.message, exc.error_type, exc.param, exc.code), status_code=exc.status_code, headers=headers
+    )
+
+
+def http_error_response(status: int, detail: str) -> JSONResponse:
+    """Starlette's own errors (unknown route, wrong method) in the same shape."""
+    return JSONResponse(error_body(detail, "invalid_request_error", code=str(status)), status_code=status)

@@ -1,0 +1,196 @@
+"""From a validated OpenAI request to engine events, and from events to SSE or JSON.
+
+Limits are checked here, before anything is queued, so a bad request never takes a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+
+from peerinfer.api import openai as wire
+from peerinfer.api import sse
+from peerinfer.engine.base import Engine, Event, Finished, Generation, SamplingParams, TextDelta
+from peerinfer.engine.prompt import ChatTurn, render_chat
+from peerinfer.errors import ContextLengthError, EngineError, PeerInferError, RequestError
+from peerinfer.settings import WorkerSettings
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    kind: Literal["chat", "completion"]
+    prompt_tokens: list[int]
+    params: SamplingParams
+    include_usage: bool
+    strip_leading_space: bool
+
+
+def _max_tokens(requested: int | None, default: int, cap: int) -> int:
+    if requested is not None and requested > cap:
+        raise RequestError(
+            f"max_tokens is {requested} but this worker allows at most {cap}; lower it or raise "
+            "PEERINFER_MAX_TOKENS_CAP on the worker",
+            param="max_tokens",
+        )
+    return requested if requested is not None else min(default, cap)
+
+
+class CompletionService:
+    def __init__(self, engine: Engine, settings: WorkerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    async def _tokenize(self, text: str, add_bos: bool) -> list[int]:
+        tokens = await anyio.to_thread.run_sync(lambda: self.engine.tokenize(text, add_bos=add_bos))
+        n_ctx = self.engine.info.n_ctx
+        if not tokens:
+            raise RequestError("the prompt is empty; send some text", param="prompt")
+        if len(tokens) >= n_ctx:
+            raise ContextLengthError(
+                f"the prompt has {len(tokens)} tokens but the context holds {n_ctx} (and at least one token "
+                "must be generated); shorten it or raise PEERINFER_N_CTX on the worker",
+                param="messages",
+            )
+        return tokens
+
+    async def prepare_chat(self, request: wire.ChatCompletionRequest) -> PreparedRequest:
+        info = self.engine.info
+        turns = [ChatTurn(message.role, message.text) for message in request.messages]
+        prompt = render_chat(
+            turns,
+            info.chat_template,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
+            continue_final=request.continue_final_message,
+        )
+        tokens = await self._tokenize(prompt.text, prompt.add_bos)
+        params = SamplingParams(
+            max_tokens=_max_tokens(request.token_limit, self.settings.max_tokens_cap, self.settings.max_tokens_cap),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stops=request.stops + prompt.stops,
+        )
+        return PreparedRequest("chat", tokens, params, request.include_usage, not request.continue_final_message)
+
+    async def prepare_completion(self, request: wire.CompletionRequest) -> PreparedRequest:
+        tokens = await self._tokenize(request.prompt_text, True)
+        params = SamplingParams(
+            max_tokens=_max_tokens(request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, self.settings.max_tokens_cap),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stops=request.stops,
+        )
+        return PreparedRequest("completion", tokens, params, request.include_usage, False)
+
+    def start(self, prepared: PreparedRequest) -> Generation:
+        generation = Generation(prepared.prompt_tokens, prepared.params, asyncio.get_running_loop())
+        self.engine.submit(generation)
+        return generation
+
+
+async def _events(generation: Generation, idle_s: float) -> AsyncIterator[Event | None]:
+    """The generation's events; ``None`` whenever ``idle_s`` passes without one."""
+    while True:
+        try:
+            event = await asyncio.wait_for(generation.events.get(), idle_s)
+        except TimeoutError:
+            yield None
+            continue
+        yield event
+        if isinstance(event, Finished):
+            return
+
+
+def _finish_error(finished: Finished) -> PeerInferError:
+    return EngineError(f"generation failed: {finished.error or finished.reason}")
+
+
+class _LeadingSpace:
+    """Chat answers start at their first visible character, as OpenAI's do."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def __call__(self, text: str) -> str:
+        if not self.active:
+            return text
+        text = text.lstrip()
+        self.active = not text
+        return text
+
+
+async def stream_sse(
+    prepared: PreparedRequest, generation: Generation, model: str, keepalive_s: float
+) -> AsyncIterator[bytes]:
+    """SSE body: a role chunk, one chunk per text delta, a finish chunk, optional usage, [DONE]."""
+    chat = prepared.kind == "chat"
+    request_id = wire.new_id("chatcmpl" if chat else "cmpl")
+    created = wire.now()
+    strip = _LeadingSpace(prepared.strip_leading_space)
+
+    def chunk(text: str, finish_reason: str | None = None) -> bytes:
+        if chat:
+            delta = {"content": text} if finish_reason is None else {}
+            return sse.event(wire.chat_chunk(request_id, created, model, delta, finish_reason))
+        return sse.event(wire.completion_chunk(request_id, created, model, text, finish_reason))
+
+    try:
+        if chat:
+            yield sse.event(wire.chat_chunk(request_id, created, model, {"role": "assistant", "content": ""}))
+        async for event in _events(generation, keepalive_s):
+            if event is None:
+                yield sse.KEEPALIVE
+            elif isinstance(event, TextDelta):
+                text = strip(event.text)
+                if text:
+                    yield chunk(text)
+            elif event.reason in ("stop", "length"):
+                yield chunk("", event.reason)
+                if prepared.include_usage:
+                    counts = wire.usage(event.prompt_tokens, event.completion_tokens)
+                    name = "chat.completion.chunk" if chat else "text_completion"
+                    yield sse.event(wire.usage_chunk(name, request_id, created, model, counts))
+            else:
+                error = _finish_error(event)
+                yield sse.event(wire.error_body(error.message, error.error_type, code="generation_failed"))
+        yield sse.DONE
+    finally:
+        generation.cancel()
+
+
+async def collect_json(
+    prepared: PreparedRequest,
+    generation: Generation,
+    model: str,
+    is_disconnected: Callable[[], Awaitable[bool]],
+) -> dict[str, Any]:
+    """Whole answer as one JSON object; stops generating if the client goes away meanwhile."""
+    strip = _LeadingSpace(prepared.strip_leading_space)
+    parts: list[str] = []
+    try:
+        async for event in _events(generation, 0.5):
+            if event is None:
+                if await is_disconnected():
+                    generation.cancel()
+                continue
+            if isinstance(event, TextDelta):
+                parts.append(strip(event.text))
+                continue
+            if event.reason not in ("stop", "length"):
+                raise _finish_error(event)
+            counts = wire.usage(event.prompt_tokens, event.completion_tokens)
+            text = "".join(parts)
+            if prepared.kind == "chat":
+                return wire.chat_completion(wire.new_id("chatcmpl"), wire.now(), model, text, event.reason, counts)
+            return wire.completion(wire.new_id("cmpl"), wire.now(), model, text, event.reason, counts)
+    finally:
+        generation.cancel()
+    raise EngineError("generation ended without a result")

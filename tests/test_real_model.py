@@ -1,0 +1,115 @@
+"""The real path: bundled Gemma 3 270M through llama.cpp, served by a real uvicorn, read by `openai`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+import requests
+
+pytestmark = pytest.mark.real
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_openai_package_non_streaming(real_worker: str) -> None:
+    client = openai.OpenAI(base_url=real_worker + "/v1", api_key="unused")
+    reply = client.chat.completions.create(model="gemma", messages=QUESTION, temperature=0, max_tokens=20)  # type: ignore[arg-type]
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert [model.id for model in client.models.list()] == ["gemma-3-270m-q4_k_m"]
+
+
+def test_openai_package_streaming_with_usage(real_worker: str) -> None:
+    client = openai.OpenAI(base_url=real_worker + "/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model="gemma",
+        messages=QUESTION,  # type: ignore[arg-type]
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert "Paris" in text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert finish == ["stop"]
+
+
+def test_openai_completions_respect_max_tokens(real_worker: str) -> None:
+    client = openai.OpenAI(base_url=real_worker + "/v1", api_key="unused")
+    reply = client.completions.create(model="gemma", prompt="The capital of India is", max_tokens=5, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+
+
+def _stream_text(url: str, path: str, body: dict[str, object]) -> str:
+    response = requests.post(url + path, json={**body, "stream": True}, stream=True, timeout=120)
+    parts = []
+    for line in response.iter_lines():
+        if line.startswith(b"data: {"):
+            choice = json.loads(line[6:])["choices"]
+            if choice:
+                parts.append(choice[0].get("delta", {}).get("content") or choice[0].get("text") or "")
+    return "".join(parts)
+
+
+SCRIPTS = {
+    "hindi": "भारत एक विशाल देश है। इसकी राजधानी",
+    "tamil": "தமிழ்நாடு இந்தியாவின் ஒரு மாநிலம். அதன் தலைநகரம்",
+    "bengali": "বাংলাদেশের রাজধানী ঢাকা। ঢাকা একটি",
+    "emoji": "Favourite emoji: 😀 🎉 🚀 🌍 🙏🏽 🇮🇳 and also",
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_streamed_text_equals_non_streamed_text_in_every_script(real_worker: str, script: str) -> None:
+    body = {"prompt": SCRIPTS[script], "max_tokens": 40, "temperature": 0, "seed": 7}
+    whole = requests.post(real_worker + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    streamed = _stream_text(real_worker, "/v1/completions", body)
+    assert streamed == whole
+    assert "\ufffd" not in streamed
+    assert any(ord(char) > 0x7F for char in streamed), "the model should answer in the prompt's script"
+
+
+def test_chat_stream_equals_non_stream_in_hindi(real_worker: str) -> None:
+    body = {"messages": [{"role": "user", "content": "भारत की राजधानी क्या है?"}], "max_tokens": 30, "temperature": 0}
+    whole = requests.post(real_worker + "/v1/chat/completions", json=body, timeout=120).json()
+    assert _stream_text(real_worker, "/v1/chat/completions", body) == whole["choices"][0]["message"]["content"]
+
+
+def test_prompt_longer_than_context_is_refused_with_token_counts(real_worker: str) -> None:
+    body = {"messages": [{"role": "user", "content": "word " * 2000}]}
+    response = requests.post(real_worker + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "tokens but the context holds 1024" in message
+
+
+def test_disconnected_clients_free_their_slots_for_the_next_request(real_worker: str) -> None:
+    # Counting at temperature 0 goes on until max_tokens: each request would run for a long time.
+    long = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 900, "temperature": 0, "stream": True}
+    streams = []
+    for _ in range(4):  # fill every slot
+        response = requests.post(real_worker + "/v1/completions", json=long, stream=True, timeout=60)
+        lines = response.iter_lines()
+        while not next(lines).startswith(b"data: {"):
+            pass
+        streams.append(response)
+    assert requests.get(real_worker + "/health", timeout=5).json()["slots_busy"] == 4
+    for response in streams:
+        response.close()
+    deadline = time.monotonic() + 5
+    while requests.get(real_worker + "/health", timeout=5).json()["slots_busy"] > 0:
+        assert time.monotonic() < deadline, "slots were not freed after the clients went away"
+        time.sleep(0.05)
+    started = time.monotonic()
+    reply = requests.post(real_worker + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 5}, timeout=60)
+    assert reply.status_code == 200
+    # Had the four abandoned requests kept their slots, this one would wait for ~1000 tokens each.
+    assert time.monotonic() - started < 10
