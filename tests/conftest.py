@@ -28,7 +28,9 @@ def worker_settings(**overrides: object) -> WorkerSettings:
 
 
 @contextlib.contextmanager
-def live_worker(engine: Engine | None, settings: WorkerSettings | None = None, wait_ready: bool = True) -> Iterator[str]:
+def live_worker(
+    engine: Engine | None, settings: WorkerSettings | None = None, wait_ready: bool = True
+) -> Iterator[str]:
     """A real uvicorn serving the app on an ephemeral port; yields its base URL."""
     app = create_app(settings or worker_settings(), engine)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

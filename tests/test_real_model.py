@@ -100,16 +100,18 @@ def test_disconnected_clients_free_their_slots_for_the_next_request(real_worker:
         lines = response.iter_lines()
         while not next(lines).startswith(b"data: {"):
             pass
-        streams.append(response)
+        streams.append((response, lines))  # keep the reader alive too: dropping it closes the stream
     assert requests.get(real_worker + "/health", timeout=5).json()["slots_busy"] == 4
-    for response in streams:
+    for response, _ in streams:
         response.close()
     deadline = time.monotonic() + 5
     while requests.get(real_worker + "/health", timeout=5).json()["slots_busy"] > 0:
         assert time.monotonic() < deadline, "slots were not freed after the clients went away"
         time.sleep(0.05)
     started = time.monotonic()
-    reply = requests.post(real_worker + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 5}, timeout=60)
+    reply = requests.post(
+        real_worker + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 5}, timeout=60
+    )
     assert reply.status_code == 200
     # Had the four abandoned requests kept their slots, this one would wait for ~1000 tokens each.
     assert time.monotonic() - started < 10

@@ -1,10 +1,10 @@
 """A small SDK over ``requests`` that streams text deltas from a worker's OpenAI API.
 
-    client = PeerInferClient("http://127.0.0.1:8000")
-    stream = client.chat_stream([{"role": "user", "content": "Hi"}])
-    for delta in stream:
-        print(delta, end="", flush=True)
-    print(stream.stats)
+client = PeerInferClient("http://127.0.0.1:8000")
+stream = client.chat_stream([{"role": "user", "content": "Hi"}])
+for delta in stream:
+    print(delta, end="", flush=True)
+print(stream.stats)
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ class PeerInferClient:
         try:
             response = self._session.post(url, json=body, stream=True, timeout=self._timeout)
         except requests.exceptions.ConnectionError as exc:
-            raise ClientError(f"cannot connect to a worker at {self.base_url}: is it running and is the URL right?") from exc
+            raise ClientError(
+                f"cannot connect to a worker at {self.base_url}: is it running and is the URL right?"
+            ) from exc
         except requests.exceptions.Timeout as exc:
             raise ClientError(f"the worker at {self.base_url} did not answer within {self._timeout[1]} s") from exc
         except requests.RequestException as exc:
@@ -130,7 +132,9 @@ class PeerInferClient:
             if retry:
                 message += f" (retry after {retry} s)"
             response.close()
-            raise ClientError(message, status=response.status_code, retry_after=int(retry) if retry and retry.isdigit() else None)
+            raise ClientError(
+                message, status=response.status_code, retry_after=int(retry) if retry and retry.isdigit() else None
+            )
         return response
 
     def chat_stream(self, messages: list[Message], **params: Any) -> TextStream:

@@ -206,7 +206,9 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         _check_api_key(state, request)
-        parsed = wire.parse_request(wire.ChatCompletionRequest, await _read_body(request, state.settings.max_body_bytes))
+        parsed = wire.parse_request(
+            wire.ChatCompletionRequest, await _read_body(request, state.settings.max_body_bytes)
+        )
         _require_ready(state)
         return await run(request, await state.service.prepare_chat(parsed), parsed.stream)
 
