@@ -29,12 +29,15 @@ class WorkerSettings(BaseSettings):
     n_ctx: int = Field(default=2048, ge=128, le=131072, description="Context size per slot, in tokens.")
     slots: int = Field(default=4, ge=1, le=64, description="Requests decoded together in one batch.")
     n_threads: int = Field(default_factory=_default_threads, ge=1, le=512, description="CPU threads.")
-    n_batch: int = Field(default=512, ge=16, le=8192, description="Most tokens in one llama_decode call.")
     prefill_chunk: int = Field(
         default=64,
         ge=8,
         le=8192,
-        description="Prompt tokens processed per step while other streams are generating.",
+        description="Prompt tokens decoded per step, in a call of their own between generation steps.",
+    )
+    batch_invariant: bool = Field(
+        default=True,
+        description="Same text for a request whether it runs alone or batched (turns off repacked weights).",
     )
     max_queue: int = Field(default=16, ge=0, le=10000, description="Requests that may wait for a slot.")
     max_tokens_cap: int = Field(default=4096, ge=1, le=131072, description="Largest max_tokens accepted.")

@@ -182,3 +182,15 @@ def test_full_queue_answers_503_with_retry_after_and_keeps_running_streams_whole
         assert body.rstrip().endswith("data: [DONE]")
     # The request that waited in the queue was kept alive with SSE comments.
     assert any(": keep-alive" in body for body in results.values())
+
+
+def test_metrics_count_requests_tokens_and_latency(client: TestClient) -> None:
+    client.post(CHAT, json=HELLO)
+    client.post(CHAT, json={"messages": []})
+    text = client.get("/metrics").text
+    assert 'peerinfer_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in text
+    assert 'peerinfer_requests_total{endpoint="/v1/chat/completions",status="400"} 1.0' in text
+    assert "peerinfer_generated_tokens_total 17.0" in text
+    assert "peerinfer_time_to_first_token_seconds_count 1.0" in text
+    assert "peerinfer_time_per_output_token_seconds_count 1.0" in text
+    assert "peerinfer_slots_total 2.0" in text and "peerinfer_queue_depth 0.0" in text

@@ -115,3 +115,30 @@ def test_disconnected_clients_free_their_slots_for_the_next_request(real_worker:
     assert reply.status_code == 200
     # Had the four abandoned requests kept their slots, this one would wait for ~1000 tokens each.
     assert time.monotonic() - started < 10
+
+
+BATCH_PROMPTS = [
+    "The history of the Indian railways begins in",
+    "भारत की राजधानी नई दिल्ली है। दिल्ली",
+    "Photosynthesis is the process by which",
+    # Longer than one prefill chunk (64 tokens), so it is read in several steps while others generate.
+    "Kerala is a state on the southwestern Malabar Coast of India. It was formed in 1956 by merging "
+    "Malayalam-speaking regions. It is bordered by Karnataka to the north and northeast, Tamil Nadu to the "
+    "east and south, and the Lakshadweep Sea to the west. With 33 million inhabitants, it is the "
+    "thirteenth-largest Indian state by population. The capital of Kerala is",
+]
+
+
+def _complete(url: str, prompt: str) -> str:
+    body = {"prompt": prompt, "max_tokens": 48, "temperature": 0}
+    return str(requests.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"])
+
+
+def test_four_streams_together_give_the_same_text_as_each_alone(real_worker: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = [_complete(real_worker, prompt) for prompt in BATCH_PROMPTS]
+    with ThreadPoolExecutor(len(BATCH_PROMPTS)) as pool:
+        together = list(pool.map(lambda prompt: _complete(real_worker, prompt), BATCH_PROMPTS))
+    assert all(text.strip() for text in alone)
+    assert together == alone

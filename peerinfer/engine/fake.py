@@ -93,7 +93,6 @@ class FakeEngine:
             backend=FakeBackend(responder, n_ctx, token_delay_s),
             slots=slots,
             max_queue=max_queue,
-            n_batch=n_ctx,
             prefill_chunk=n_ctx,
         )
 

@@ -43,6 +43,9 @@ class LlamaBackend:
         lc.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
         lc.llama_backend_init()
         model_params = lc.llama_model_default_params()
+        # Repacked weights (extra buffer types) switch from a one-row to a four-row matmul kernel once
+        # a batch holds 4+ rows, with different rounding: batched text would differ from text alone.
+        model_params.use_extra_bufts = not settings.batch_invariant
         model = lc.llama_model_load_from_file(str(model_file.path).encode(), model_params)
         if not model:
             raise EngineError(
@@ -50,11 +53,10 @@ class LlamaBackend:
                 "architecture this llama.cpp build does not know"
             )
         self.model = model
-        self.n_batch = settings.n_batch
         ctx_params = lc.llama_context_default_params()
         ctx_params.n_ctx = settings.n_ctx * settings.slots
-        ctx_params.n_batch = settings.n_batch
-        ctx_params.n_ubatch = settings.n_batch
+        ctx_params.n_batch = max(settings.prefill_chunk, settings.slots)
+        ctx_params.n_ubatch = max(settings.prefill_chunk, settings.slots)
         ctx_params.n_seq_max = settings.slots
         ctx_params.n_threads = settings.n_threads
         ctx_params.n_threads_batch = settings.n_threads
@@ -71,7 +73,7 @@ class LlamaBackend:
         self.vocab = lc.llama_model_get_vocab(model)
         self.memory = lc.llama_get_memory(ctx)
         self.n_ctx_per_slot = int(lc.llama_n_ctx_seq(ctx))
-        self.batch = lc.llama_batch_init(settings.n_batch, 0, 1)
+        self.batch = lc.llama_batch_init(max(settings.prefill_chunk, settings.slots), 0, 1)
         self._samplers: dict[int, Any] = {}
         self._pieces: dict[int, bytes] = {}
         template = lc.llama_model_chat_template(model, None)
@@ -195,7 +197,6 @@ class LlamaEngine:
             backend=backend,
             slots=settings.slots,
             max_queue=settings.max_queue,
-            n_batch=settings.n_batch,
             prefill_chunk=settings.prefill_chunk,
         )
         self._scheduler.start()

@@ -5,9 +5,10 @@ Each step it:
 
 1. admits waiting requests into free slots, first in first out;
 2. frees slots whose client went away (within one step, i.e. about one token);
-3. builds one batch: one token for every generating slot, plus a chunk of prompt for slots still
-   reading their prompt (small while others generate, so a long prompt does not stall them);
-4. decodes it, samples per slot, and turns token bytes into text deltas.
+3. decodes one token for every generating slot in one batch, then one fixed-size chunk of the
+   oldest unread prompt in a call of its own (so a long prompt never stalls the running streams
+   for more than one chunk, and its chunks are the same whatever else runs);
+4. samples per slot and turns token bytes into text deltas.
 
 The decoder is a ``DecodeBackend``: llama.cpp in production, a scripted fake in fast tests.
 """
@@ -80,7 +81,6 @@ class BatchScheduler:
     backend: DecodeBackend
     slots: int
     max_queue: int
-    n_batch: int
     prefill_chunk: int
     _waiting: deque[Generation] = field(default_factory=deque)
     _active: dict[int, _Slot] = field(default_factory=dict)
@@ -165,39 +165,44 @@ class BatchScheduler:
             if slot.generation.cancelled.is_set():
                 self._finish(slot, "cancelled")
 
-    def _plan(self) -> list[SlotWork]:
-        work: list[SlotWork] = []
-        for slot in self._active.values():
-            if slot.next_token is not None:
-                work.append(SlotWork(slot.index, [slot.next_token], slot.position, True))
-        budget = self.n_batch - len(work)
-        if work:
-            budget = min(budget, self.prefill_chunk)
-        for slot in sorted(self._active.values(), key=lambda s: s.admitted_at):
-            if slot.next_token is not None or slot.prompt_left == 0 or budget <= 0:
-                continue
-            size = min(budget, slot.prompt_left)
+    def _plan(self) -> list[list[SlotWork]]:
+        """This step's decode calls: every generating slot's next token together, then one prompt chunk.
+
+        A prompt chunk always covers the same tokens (multiples of ``prefill_chunk``) and is decoded in
+        a call of its own, so a request's numbers do not depend on what else the worker is doing.
+        """
+        calls: list[list[SlotWork]] = []
+        generating = [
+            SlotWork(slot.index, [slot.next_token], slot.position, True)
+            for slot in self._active.values()
+            if slot.next_token is not None
+        ]
+        if generating:
+            calls.append(generating)
+        reading = [slot for slot in self._active.values() if slot.next_token is None and slot.prompt_left > 0]
+        if reading:
+            slot = min(reading, key=lambda s: s.admitted_at)
+            size = min(self.prefill_chunk, slot.prompt_left)
             tokens = slot.generation.prompt_tokens[slot.prefilled : slot.prefilled + size]
-            work.append(SlotWork(slot.index, tokens, slot.position, size == slot.prompt_left))
-            budget -= size
-        return work
+            calls.append([SlotWork(slot.index, tokens, slot.position, size == slot.prompt_left)])
+        return calls
 
     def _step(self) -> None:
-        work = self._plan()
-        try:
-            sampled = self.backend.decode(work)
-        except PeerInferError as exc:
-            log.error("decode failed for slots %s: %s", [item.slot for item in work], exc.message)
+        for work in self._plan():
+            try:
+                sampled = self.backend.decode(work)
+            except PeerInferError as exc:
+                log.error("decode failed for slots %s: %s", [item.slot for item in work], exc.message)
+                for item in work:
+                    self._finish(self._active[item.slot], "error", exc.message)
+                continue
             for item in work:
-                self._finish(self._active[item.slot], "error", exc.message)
-            return
-        for item in work:
-            slot = self._active[item.slot]
-            slot.position += len(item.tokens)
-            if slot.next_token is None:
-                slot.prefilled += len(item.tokens)
-            if item.slot in sampled:
-                self._accept(slot, sampled[item.slot])
+                slot = self._active[item.slot]
+                slot.position += len(item.tokens)
+                if slot.next_token is None:
+                    slot.prefilled += len(item.tokens)
+                if item.slot in sampled:
+                    self._accept(slot, sampled[item.slot])
 
     def _accept(self, slot: _Slot, token: int) -> None:
         params = slot.generation.params

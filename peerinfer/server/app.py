@@ -19,12 +19,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peerinfer.api import openai as wire
 from peerinfer.api import sse
 from peerinfer.engine.base import Engine
 from peerinfer.errors import AuthError, BodyTooLargeError, OverloadedError, PeerInferError
 from peerinfer.server.errors import error_response, http_error_response
+from peerinfer.server.metrics import CONTENT_TYPE, WorkerMetrics
 from peerinfer.server.service import CompletionService, PreparedRequest, collect_json, stream_sse
 from peerinfer.settings import WorkerSettings
 
@@ -37,14 +39,12 @@ class WorkerState:
     settings: WorkerSettings
     engine: Engine
     owns_engine: bool
+    service: CompletionService
+    metrics: WorkerMetrics
     ready: bool = False
     load_error: str | None = None
     loaded_at: int = 0
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    @property
-    def service(self) -> CompletionService:
-        return CompletionService(self.engine, self.settings)
 
 
 def _configure_logging(level: str) -> None:
@@ -94,7 +94,14 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
         from peerinfer.engine.llama import LlamaEngine
 
         engine = LlamaEngine(settings)
-    state = WorkerState(settings=settings, engine=engine, owns_engine=owns_engine)
+    metrics = WorkerMetrics(engine.stats)
+    state = WorkerState(
+        settings=settings,
+        engine=engine,
+        owns_engine=owns_engine,
+        service=CompletionService(engine, settings, metrics),
+        metrics=metrics,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,9 +113,31 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
 
     app = FastAPI(title="peerinfer worker", lifespan=lifespan)
     app.state.worker = state
+    app.add_middleware(RequestCounter, metrics=metrics)
     _add_error_handlers(app)
     _add_routes(app, state)
     return app
+
+
+class RequestCounter:
+    """Plain ASGI middleware counting /v1/ responses by status; it adds nothing to streamed chunks."""
+
+    def __init__(self, app: ASGIApp, metrics: WorkerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -194,14 +223,18 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
         }
         return JSONResponse({"object": "list", "data": [model]})
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
     async def run(request: Request, prepared: PreparedRequest, stream: bool) -> Response:
         service = state.service
         generation = service.start(prepared)
         model = state.engine.info.model_id
         if stream:
-            body = stream_sse(prepared, generation, model, state.settings.keepalive_s)
+            body = stream_sse(service, prepared, generation, model)
             return StreamingResponse(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-        return JSONResponse(await collect_json(prepared, generation, model, request.is_disconnected))
+        return JSONResponse(await collect_json(service, prepared, generation, model, request.is_disconnected))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -6,6 +6,7 @@ Limits are checked here, before anything is queued, so a bad request never takes
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from peerinfer.api import sse
 from peerinfer.engine.base import Engine, Event, Finished, Generation, SamplingParams, TextDelta
 from peerinfer.engine.prompt import ChatTurn, render_chat
 from peerinfer.errors import ContextLengthError, EngineError, PeerInferError, RequestError
+from peerinfer.server.metrics import WorkerMetrics
 from peerinfer.settings import WorkerSettings
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
@@ -42,9 +44,10 @@ def _max_tokens(requested: int | None, default: int, cap: int) -> int:
 
 
 class CompletionService:
-    def __init__(self, engine: Engine, settings: WorkerSettings) -> None:
+    def __init__(self, engine: Engine, settings: WorkerSettings, metrics: WorkerMetrics) -> None:
         self.engine = engine
         self.settings = settings
+        self.metrics = metrics
 
     async def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         tokens = await anyio.to_thread.run_sync(lambda: self.engine.tokenize(text, add_bos=add_bos))
@@ -95,18 +98,24 @@ class CompletionService:
         self.engine.submit(generation)
         return generation
 
-
-async def _events(generation: Generation, idle_s: float) -> AsyncIterator[Event | None]:
-    """The generation's events; ``None`` whenever ``idle_s`` passes without one."""
-    while True:
-        try:
-            event = await asyncio.wait_for(generation.events.get(), idle_s)
-        except TimeoutError:
-            yield None
-            continue
-        yield event
-        if isinstance(event, Finished):
-            return
+    async def events(self, generation: Generation, idle_s: float) -> AsyncIterator[Event | None]:
+        """The generation's events; ``None`` whenever ``idle_s`` passes without one. Feeds the metrics."""
+        started = time.perf_counter()
+        first: float | None = None
+        while True:
+            try:
+                event = await asyncio.wait_for(generation.events.get(), idle_s)
+            except TimeoutError:
+                yield None
+                continue
+            if first is None and isinstance(event, TextDelta):
+                first = time.perf_counter() - started
+            if isinstance(event, Finished):
+                total = time.perf_counter() - started
+                self.metrics.observe_generation(event.prompt_tokens, event.completion_tokens, first, total)
+            yield event
+            if isinstance(event, Finished):
+                return
 
 
 def _finish_error(finished: Finished) -> PeerInferError:
@@ -128,7 +137,7 @@ class _LeadingSpace:
 
 
 async def stream_sse(
-    prepared: PreparedRequest, generation: Generation, model: str, keepalive_s: float
+    service: CompletionService, prepared: PreparedRequest, generation: Generation, model: str
 ) -> AsyncIterator[bytes]:
     """SSE body: a role chunk, one chunk per text delta, a finish chunk, optional usage, [DONE]."""
     chat = prepared.kind == "chat"
@@ -145,7 +154,7 @@ async def stream_sse(
     try:
         if chat:
             yield sse.event(wire.chat_chunk(request_id, created, model, {"role": "assistant", "content": ""}))
-        async for event in _events(generation, keepalive_s):
+        async for event in service.events(generation, service.settings.keepalive_s):
             if event is None:
                 yield sse.KEEPALIVE
             elif isinstance(event, TextDelta):
@@ -167,6 +176,7 @@ async def stream_sse(
 
 
 async def collect_json(
+    service: CompletionService,
     prepared: PreparedRequest,
     generation: Generation,
     model: str,
@@ -176,7 +186,7 @@ async def collect_json(
     strip = _LeadingSpace(prepared.strip_leading_space)
     parts: list[str] = []
     try:
-        async for event in _events(generation, 0.5):
+        async for event in service.events(generation, 0.5):
             if event is None:
                 if await is_disconnected():
                     generation.cancel()

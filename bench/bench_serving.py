@@ -1,0 +1,381 @@
+"""Serving benchmark: this worker side by side with llama.cpp in-process, llama_cpp.server and llama-server.
+
+    .venv/bin/python bench/bench_serving.py                 # everything, writes bench/RESULTS.md
+    .venv/bin/python bench/bench_serving.py --quick         # fewer requests, prints only
+
+Every server gets the same model, threads, context per stream, prompts and max_tokens, and runs
+alone on the machine (one after the other). Tokens are counted from each server's ``usage``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from peerinfer.client.sse_parser import SSEParser  # noqa: E402
+from peerinfer.engine.model_files import open_model_file  # noqa: E402
+
+CACHE = Path(os.environ.get("PEERINFER_BENCH_CACHE", Path.home() / ".cache" / "peerinfer" / "bench"))
+PROMPTS = [
+    "The history of the Indian railways begins in",
+    "Here is a short story about a fisherman from Kerala:",
+    "Photosynthesis is the process by which",
+    "भारत की राजधानी नई दिल्ली है। दिल्ली",
+    "The best way to learn a new programming language is",
+    "Monsoon rains in Mumbai usually start in",
+    "A recipe for masala chai: first,",
+    "The three laws of thermodynamics are",
+]
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    total_s: float
+    completion_tokens: int
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.completion_tokens < 2:
+            return None
+        return (self.total_s - self.ttft_s) / (self.completion_tokens - 1)
+
+
+@dataclass
+class Row:
+    system: str
+    concurrency: int
+    samples: list[Sample] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def ok(self) -> list[Sample]:
+        return [sample for sample in self.samples if sample.error is None]
+
+    def percentile(self, values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        if not ordered:
+            return float("nan")
+        index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+        return ordered[index]
+
+    def summary(self) -> dict[str, float | int | str]:
+        good = self.ok()
+        ttfts = [sample.ttft_s for sample in good]
+        tpots = [t for t in (sample.tpot_s for sample in good) if t is not None]
+        tokens = sum(sample.completion_tokens for sample in good)
+        return {
+            "system": self.system,
+            "concurrency": self.concurrency,
+            "requests": len(self.samples),
+            "ttft_p50_ms": 1000 * self.percentile(ttfts, 0.5),
+            "ttft_p90_ms": 1000 * self.percentile(ttfts, 0.9),
+            "tpot_p50_ms": 1000 * (statistics.median(tpots) if tpots else float("nan")),
+            "agg_tok_s": tokens / self.wall_s if self.wall_s else float("nan"),
+            "errors": len(self.samples) - len(good),
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stream_request(url: str, prompt: str, max_tokens: int) -> Sample:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first: float | None = None
+    usage_tokens: int | None = None
+    events = 0
+    try:
+        with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600) as response:
+            if response.status_code != 200:
+                return Sample(0, 0, 0, f"HTTP {response.status_code}")
+            parser = SSEParser()
+            for chunk in response.iter_content(chunk_size=None):
+                for event in parser.feed(chunk):
+                    if event.data == "[DONE]":
+                        continue
+                    payload = json.loads(event.data)
+                    if payload.get("usage"):
+                        usage_tokens = payload["usage"]["completion_tokens"]
+                    for choice in payload.get("choices") or []:
+                        if choice.get("text"):
+                            events += 1
+                            if first is None:
+                                first = time.perf_counter()
+    except requests.RequestException as exc:
+        return Sample(0, 0, 0, type(exc).__name__)
+    total = time.perf_counter() - started
+    if first is None:
+        return Sample(0, total, 0, "no tokens")
+    return Sample(first - started, total, usage_tokens if usage_tokens is not None else events)
+
+
+def run_level(system: str, url: str, concurrency: int, requests_per_client: int, max_tokens: int) -> Row:
+    row = Row(system, concurrency)
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        for number in range(requests_per_client):
+            sample = stream_request(url, PROMPTS[(index + number * concurrency) % len(PROMPTS)], max_tokens)
+            with lock:
+                row.samples.append(sample)
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    row.wall_s = time.perf_counter() - started
+    return row
+
+
+def in_process(model: Path, threads: int, n_ctx: int, max_tokens: int, repeats: int) -> Row:
+    """llama.cpp through llama-cpp-python's high-level API in this process: the single-stream limit."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    row = Row("llama.cpp in-process", 1)
+    llm.create_completion(PROMPTS[0], max_tokens=4, temperature=0)  # warm-up, as for the servers
+    started_all = time.perf_counter()
+    for number in range(repeats):
+        prompt = PROMPTS[number % len(PROMPTS)]
+        started = time.perf_counter()
+        first: float | None = None
+        count = 0
+        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
+            if chunk["choices"][0]["text"] and first is None:
+                first = time.perf_counter()
+            count += 1
+        total = time.perf_counter() - started
+        row.samples.append(Sample((first or started) - started, total, count))
+    row.wall_s = time.perf_counter() - started_all
+    del llm
+    return row
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server at {url} exited with {process.returncode}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server at {url} did not become healthy")
+
+
+def serve(command: list[str], env: dict[str, str], port: int) -> tuple[str, subprocess.Popen[bytes]]:
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, process)
+    stream_request(url, PROMPTS[0], 4)  # warm-up
+    return url, process
+
+
+def servers(model: Path, threads: int, n_ctx: int, slots: int) -> dict[str, Callable[[int], list[str]]]:
+    """Each entry: a function of the port giving the command line; missing peers are left out."""
+    entries: dict[str, Callable[[int], list[str]]] = {
+        "peerinfer worker": lambda port: [
+            str(REPO / ".venv/bin/python"),
+            "-m",
+            "uvicorn",
+            "worker:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+    }
+    python = CACHE / "venv/bin/python"
+    if python.exists():
+        entries["llama_cpp.server"] = lambda port: [
+            str(python),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(n_ctx),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            "--interrupt_requests",
+            "False",
+        ]
+    binary = next(CACHE.glob("llama-server-*/build/bin/llama-server"), None)
+    if binary is not None:
+        entries[f"llama-server -np {slots}"] = lambda port: [
+            str(binary),
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-c",
+            str(n_ctx * slots),
+            "-np",
+            str(slots),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-b",
+            "512",
+            "--no-webui",
+        ]
+    return entries
+
+
+def table(rows: list[Row]) -> str:
+    header = "| system | conc. | requests | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | aggregate tok/s | errors |"
+    lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        s = row.summary()
+        lines.append(
+            f"| {s['system']} | {s['concurrency']} | {s['requests']} | {s['ttft_p50_ms']:.1f} | "
+            f"{s['ttft_p90_ms']:.1f} | {s['tpot_p50_ms']:.2f} | {s['agg_tok_s']:.1f} | {s['errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    systems = sorted({row.system for row in rows if row.concurrency > 1 or row.system.startswith("peerinfer")})
+    for system in systems:
+        mine = sorted((row for row in rows if row.system == system), key=lambda row: row.concurrency)
+        levels = [row.concurrency for row in mine]
+        left.plot(levels, [row.summary()["agg_tok_s"] for row in mine], marker="o", label=system)
+        right.plot(levels, [row.summary()["ttft_p50_ms"] for row in mine], marker="o", label=system)
+    for row in rows:
+        if row.system == "llama.cpp in-process":
+            left.axhline(float(row.summary()["agg_tok_s"]), linestyle=":", color="gray", label="in-process, 1 stream")
+    left.set(xlabel="concurrent clients", ylabel="aggregate output tokens/s", title="Throughput")
+    right.set(xlabel="concurrent clients", ylabel="TTFT p50 (ms, log)", title="Time to first token", yscale="log")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def write_results(section: str, body: str) -> None:
+    results = REPO / "bench" / "RESULTS.md"
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    results.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--levels", default="1,2,4,8", help="concurrency levels (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--requests", type=int, default=12, help="requests per level, at least 2 per client")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--n-ctx", type=int, default=2048, help="context per stream")
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--only", default="", help="comma-separated systems to run (default: all found)")
+    parser.add_argument("--quick", action="store_true", help="few requests; print, don't write RESULTS.md")
+    args = parser.parse_args()
+    levels = [int(level) for level in args.levels.split(",")]
+    total = 4 if args.quick else args.requests
+    model = open_model_file(None, Path.home() / ".cache" / "peerinfer").path
+    rows: list[Row] = []
+    wanted = {name.strip() for name in args.only.split(",") if name.strip()}
+
+    if not wanted or "in-process" in wanted:
+        print("running llama.cpp in-process ...", file=sys.stderr)
+        rows.append(in_process(model, args.threads, args.n_ctx, args.max_tokens, total))
+    base_env = {key: value for key, value in os.environ.items() if not key.startswith("PEERINFER_")}
+    env = {
+        **base_env,
+        "PEERINFER_MODEL": str(model),
+        "PEERINFER_N_THREADS": str(args.threads),
+        "PEERINFER_N_CTX": str(args.n_ctx),
+        "PEERINFER_SLOTS": str(args.slots),
+        "PEERINFER_MAX_QUEUE": "64",
+        "PEERINFER_LOG_LEVEL": "WARNING",
+    }
+    for name, command in servers(model, args.threads, args.n_ctx, args.slots).items():
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        port = free_port()
+        print(f"running {name} ...", file=sys.stderr)
+        url, process = serve(command(port), env, port)
+        try:
+            for level in levels:
+                per_client = max(2 if not args.quick else 1, -(-total // level))
+                rows.append(run_level(name, url, level, per_client, args.max_tokens))
+                print(table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    report = table(rows)
+    print(report)
+    if not args.quick:
+        command = "bash bench/setup_peers.sh && .venv/bin/python bench/bench_serving.py " + " ".join(sys.argv[1:])
+        chart(rows, REPO / "bench" / "serving.png")
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "unknown CPU",
+        )
+        body = (
+            f"## Serving (issues 2 and 3)\n\nCommand: `{command.strip()}`\n\n"
+            f"Machine: {os.cpu_count()} cores ({cpu}), model {model.name}, {args.threads} threads, "
+            f"context {args.n_ctx} per stream, {args.max_tokens} max tokens, temperature 0, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n{report}\n\n![serving chart](serving.png)\n"
+        )
+        write_results("serving", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

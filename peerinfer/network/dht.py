@@ -1,0 +1,117 @@
+"""The one module that imports ``opendht``: a DHT node that can put and get small values.
+
+OpenDHT runs its own threads; this wrapper is thread-safe and blocking with time limits, so a
+synchronous client and an asyncio worker (through ``asyncio.to_thread``) can both use it.
+
+Choices and quirks:
+
+- Nodes use a private network id (``DhtConfig.setNetwork``), so they never mix with the public
+  Jami DHT: a node of another network drops our packets and we drop theirs.
+- Values carry our own value type whose expiration is the record lifetime, so storage nodes drop a
+  dead worker's records by themselves. Every node registers the type (after ``run``: registering
+  before it crashes the process).
+- The done callback of a put can come late (it waits for every storage node to acknowledge) while
+  the value is already readable, so puts are fire-and-forget.
+- ``str()`` of a received unsigned value raises; only ``.data`` is read. ``opendht.aio``'s futures
+  raise ``InvalidStateError`` when a callback arrives after a time-out, hence the core API here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import opendht
+
+from peerinfer.errors import ConfigError, NetworkError
+
+log = logging.getLogger(__name__)
+
+VALUE_TYPE_ID = 0x5049  # "PI"
+DEFAULT_NETWORK_ID = 0x50494E46  # "PINF"
+
+
+class DhtNode:
+    """A running OpenDHT node bound to UDP ``host:port`` (port 0: any free port)."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        network_id: int,
+        bootstrap: Sequence[tuple[str, int]] = (),
+        value_lifetime_s: float = 60.0,
+    ) -> None:
+        config = opendht.DhtConfig()
+        config.setNetwork(network_id)
+        self._runner = opendht.DhtRunner()
+        try:
+            self._runner.run(port=port, ipv4=host, config=config)
+        except Exception as exc:  # the binding raises plain RuntimeErrors
+            raise ConfigError(
+                f"cannot start a DHT node on UDP {host}:{port}: {exc}; choose another PEERINFER_DHT_PORT"
+            ) from exc
+        self._runner.registerType(
+            opendht.ValueType(VALUE_TYPE_ID, "peerinfer-record", timedelta(seconds=value_lifetime_s))
+        )
+        self._closed = False
+        self.bootstrap(bootstrap)
+
+    @property
+    def port(self) -> int:
+        return int(self._runner.getBound().getPort())
+
+    @property
+    def node_id(self) -> str:
+        return str(self._runner.getNodeId().decode() if hasattr(self._runner.getNodeId(), "decode") else "")
+
+    def bootstrap(self, nodes: Sequence[tuple[str, int]]) -> None:
+        for host, port in nodes:
+            self._runner.bootstrap(host, str(port))
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` with a fresh value id; returns at once."""
+        value = opendht.Value(data, VALUE_TYPE_ID)
+        value.id = random.getrandbits(63) + 1
+        self._runner.put(opendht.InfoHash.get(key), value, _ignore_done)
+
+    def get(self, key: str, timeout_s: float) -> list[bytes]:
+        """Every value found under ``key`` within ``timeout_s``; raises ``NetworkError`` if stopped."""
+        if self._closed:
+            raise NetworkError("the DHT node is stopped")
+        found: list[bytes] = []
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def on_value(value: Any) -> bool:
+            with lock:
+                found.append(bytes(value.data))
+            return not done.is_set()
+
+        def on_done(ok: bool, nodes: Any) -> None:
+            done.set()
+
+        self._runner.get(opendht.InfoHash.get(key), on_value, on_done)
+        if not done.wait(timeout_s):
+            log.debug("DHT get %s timed out after %.1f s with %d values", key, timeout_s, len(found))
+        done.set()
+        with lock:
+            return list(found)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        stopped = threading.Event()
+        self._runner.shutdown(stopped.set)
+        stopped.wait(5)
+        self._runner.join()
+
+
+def _ignore_done(ok: bool, nodes: Any) -> None:
+    return None

@@ -1,0 +1,215 @@
+"""The signed peer record: fields, canonical encoding, signing and the reader's checks. Pure.
+
+On the wire a record is the canonical JSON of ``{"record": {...}, "sig": base64}``. The signature
+covers ``RECORD_DOMAIN`` followed by the canonical JSON of the record alone (sorted keys, no spaces,
+ASCII), so a reader re-encodes what it parsed and verifies that. A reader accepts a record only if
+it is small enough, has exactly the expected fields with values in bounds, its id belongs to its
+key, its signature verifies, it has not expired and it was not issued too far in the future.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from peerinfer.network.identity import PeerId, PeerIdentity, b64, peer_id_for, unb64, verify_signature
+
+PROTOCOL_VERSION = 1
+RECORD_DOMAIN = b"peerinfer-record-v1\n"
+MAX_RECORD_BYTES = 2048
+MAX_ENDPOINTS = 4
+MAX_URL_CHARS = 256
+MAX_MODEL_CHARS = 128
+MAX_LIFETIME_S = 600.0
+DEFAULT_MAX_SKEW_S = 30.0
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def model_key(sha256: str) -> str:
+    """The DHT key a model's peers announce under."""
+    return f"peerinfer/v{PROTOCOL_VERSION}/model/{sha256}"
+
+
+DIRECTORY_KEY = f"peerinfer/v{PROTOCOL_VERSION}/models"
+"""Every record is also announced here, so a client that names no sha256 can see which models exist."""
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What a worker says about itself. ``withdrawn`` records announce a graceful stop."""
+
+    peer_id: PeerId
+    public_key: str
+    endpoints: tuple[str, ...]
+    model: str
+    sha256: str
+    n_ctx: int
+    slots_total: int
+    slots_free: int
+    queue: int
+    tokens_per_s: float
+    issued_at: float
+    expires_at: float
+    instance: str
+    withdrawn: bool = False
+    version: int = PROTOCOL_VERSION
+
+    def as_dict(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["endpoints"] = list(self.endpoints)
+        return body
+
+    def age_s(self, now: float) -> float:
+        return max(0.0, now - self.issued_at)
+
+
+class RecordRejected(ValueError):
+    """A record a reader must drop; ``reason`` is a short, countable word."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def sign_record(record: PeerRecord, identity: PeerIdentity) -> bytes:
+    """The wire bytes of ``record`` signed by ``identity``."""
+    body = record.as_dict()
+    signature = identity.sign(RECORD_DOMAIN + canonical(body))
+    return canonical({"record": body, "sig": b64(signature)})
+
+
+_INT_FIELDS = {"n_ctx": (1, 10_000_000), "slots_total": (1, 4096), "slots_free": (0, 4096), "queue": (0, 1_000_000)}
+_FIELDS = {f.name for f in PeerRecord.__dataclass_fields__.values()}
+
+
+def _check_int(body: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = body[name]
+    if type(value) is not int or not low <= value <= high:
+        raise RecordRejected("bad_field", f"{name}={value!r} is not an integer in [{low}, {high}]")
+    return value
+
+
+def _check_number(body: dict[str, Any], name: str) -> float:
+    value = body[name]
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise RecordRejected("bad_field", f"{name}={value!r} is not a finite non-negative number")
+    return float(value)
+
+
+def _check_str(body: dict[str, Any], name: str, limit: int, pattern: re.Pattern[str] | None = None) -> str:
+    value = body[name]
+    if not isinstance(value, str) or not 0 < len(value) <= limit or (pattern and not pattern.fullmatch(value)):
+        raise RecordRejected("bad_field", f"{name} must be a string of 1 to {limit} characters in the expected form")
+    return value
+
+
+def _check_endpoints(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_ENDPOINTS:
+        raise RecordRejected("bad_field", f"endpoints must be a list of 1 to {MAX_ENDPOINTS} URLs")
+    for url in value:
+        if not isinstance(url, str) or len(url) > MAX_URL_CHARS or not url.startswith(("http://", "https://")):
+            raise RecordRejected("bad_field", f"endpoint {str(url)[:60]!r} is not an http(s) URL of at most 256 chars")
+    return tuple(value)
+
+
+def _parse_body(body: dict[str, Any]) -> PeerRecord:
+    if set(body) != _FIELDS:
+        raise RecordRejected("bad_field", f"fields {sorted(set(body) ^ _FIELDS)} are missing or unexpected")
+    if body["version"] != PROTOCOL_VERSION:
+        raise RecordRejected("bad_version", f"protocol version {body['version']!r}, expected {PROTOCOL_VERSION}")
+    if not isinstance(body["withdrawn"], bool):
+        raise RecordRejected("bad_field", "withdrawn must be true or false")
+    ints = {name: _check_int(body, name, *bounds) for name, bounds in _INT_FIELDS.items()}
+    if ints["slots_free"] > ints["slots_total"]:
+        raise RecordRejected("bad_field", "slots_free is larger than slots_total")
+    return PeerRecord(
+        peer_id=PeerId(_check_str(body, "peer_id", 40, _HEX40)),
+        public_key=_check_str(body, "public_key", 64),
+        endpoints=_check_endpoints(body["endpoints"]),
+        model=_check_str(body, "model", MAX_MODEL_CHARS),
+        sha256=_check_str(body, "sha256", 64, _HEX64),
+        tokens_per_s=_check_number(body, "tokens_per_s"),
+        issued_at=_check_number(body, "issued_at"),
+        expires_at=_check_number(body, "expires_at"),
+        instance=_check_str(body, "instance", 16, _HEX16),
+        withdrawn=body["withdrawn"],
+        **ints,
+    )
+
+
+def verify_record(data: bytes, now: float, max_skew_s: float = DEFAULT_MAX_SKEW_S) -> PeerRecord:
+    """The record in ``data`` if a reader may trust it; otherwise raises ``RecordRejected``."""
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordRejected("too_large", f"{len(data)} bytes, at most {MAX_RECORD_BYTES}")
+    try:
+        envelope = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordRejected("malformed", f"not JSON: {exc}") from exc
+    if not isinstance(envelope, dict) or set(envelope) != {"record", "sig"} or not isinstance(envelope["record"], dict):
+        raise RecordRejected("malformed", "expected an object with 'record' and 'sig'")
+    record = _parse_body(envelope["record"])
+    try:
+        public_key = unb64(record.public_key)
+        signature = unb64(str(envelope["sig"]))
+    except ValueError as exc:
+        raise RecordRejected("bad_field", "public_key or sig is not base64") from exc
+    if peer_id_for(public_key) != record.peer_id:
+        raise RecordRejected("id_mismatch", f"peer id {record.peer_id} does not belong to its public key")
+    if not verify_signature(public_key, signature, RECORD_DOMAIN + canonical(record.as_dict())):
+        raise RecordRejected("bad_signature", f"the signature of peer {record.peer_id} does not verify")
+    if record.issued_at > now + max_skew_s:
+        raise RecordRejected("future", f"issued {record.issued_at - now:.0f} s in the future (clock skew)")
+    if record.expires_at <= now:
+        raise RecordRejected("expired", f"expired {now - record.expires_at:.0f} s ago")
+    if not 0 < record.expires_at - record.issued_at <= MAX_LIFETIME_S:
+        raise RecordRejected("bad_field", f"lifetime must be within (0, {MAX_LIFETIME_S:.0f}] s")
+    return record
+
+
+@dataclass
+class VerifiedRecords:
+    """Each peer's newest live record, every live instance, and how many values were dropped, by reason."""
+
+    records: list[PeerRecord] = field(default_factory=list)
+    instances: list[PeerRecord] = field(default_factory=list)
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+def select_live(values: Iterable[bytes], now: float, max_skew_s: float = DEFAULT_MAX_SKEW_S) -> VerifiedRecords:
+    """Verify every value and keep what is live.
+
+    Records are grouped by (peer id, instance): a running worker process is one instance. The newest
+    record of an instance wins, and a withdrawal hides that instance at once. Of the live instances
+    of one peer id (normally exactly one), the newest record is the peer's.
+    """
+    result = VerifiedRecords()
+    newest: dict[tuple[PeerId, str], PeerRecord] = {}
+    for data in values:
+        try:
+            record = verify_record(data, now, max_skew_s)
+        except RecordRejected as exc:
+            result.rejected[exc.reason] += 1
+            continue
+        key = (record.peer_id, record.instance)
+        current = newest.get(key)
+        if current is None or (record.issued_at, record.withdrawn) > (current.issued_at, current.withdrawn):
+            newest[key] = record
+    result.instances = sorted(
+        (record for record in newest.values() if not record.withdrawn), key=lambda r: (r.peer_id, -r.issued_at)
+    )
+    by_peer: dict[PeerId, PeerRecord] = {}
+    for record in result.instances:
+        by_peer.setdefault(record.peer_id, record)
+    result.records = list(by_peer.values())
+    return result

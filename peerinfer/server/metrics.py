@@ -1,0 +1,58 @@
+"""Prometheus metrics of one worker, in a registry of its own (several apps can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from peerinfer.engine.base import EngineStats
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TPOT_BUCKETS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
+
+
+class WorkerMetrics:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "peerinfer_requests",
+            "Finished API requests by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "peerinfer_time_to_first_token_seconds",
+            "From request accepted to first text.",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "peerinfer_time_per_output_token_seconds",
+            "Mean time between output tokens of a request.",
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter("peerinfer_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
+        self.generated_tokens = Counter("peerinfer_generated_tokens", "Tokens generated.", registry=self.registry)
+        queue = Gauge("peerinfer_queue_depth", "Requests waiting for a slot.", registry=self.registry)
+        busy = Gauge("peerinfer_slots_busy", "Slots decoding a request.", registry=self.registry)
+        total = Gauge("peerinfer_slots_total", "Slots of this worker.", registry=self.registry)
+        queue.set_function(lambda: stats().queued)
+        busy.set_function(lambda: stats().slots_busy)
+        total.set_function(lambda: stats().slots_total)
+
+    def observe_generation(
+        self, prompt_tokens: int, completion_tokens: int, ttft_s: float | None, total_s: float
+    ) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generated_tokens.inc(completion_tokens)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+            if completion_tokens > 1:
+                self.tpot.observe((total_s - ttft_s) / (completion_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,95 @@
+"""Continuous batching decisions, observed through a recording backend (no llama.cpp)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from peerinfer.engine.base import Finished, Generation, SamplingParams, TextDelta
+from peerinfer.engine.scheduler import BatchScheduler, SlotWork
+
+
+class RecordingBackend:
+    """Replies 'ab' then ends; records every decode call."""
+
+    n_ctx_per_slot = 1000
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[int, int, int]]] = []
+        self.replies: dict[int, list[int]] = {}
+
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        self.replies[slot] = [ord("a"), ord("b"), 0]
+
+    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+        self.calls.append([(item.slot, item.start, len(item.tokens)) for item in work])
+        return {item.slot: self.replies[item.slot].pop(0) for item in work if item.want_output}
+
+    def piece(self, token: int) -> bytes:
+        return bytes([token])
+
+    def is_end(self, token: int) -> bool:
+        return token == 0
+
+    def release(self, slot: int) -> None:
+        self.replies.pop(slot, None)
+
+
+async def run_all(scheduler: BatchScheduler, prompts: list[list[int]]) -> list[str]:
+    loop = asyncio.get_running_loop()
+    generations = [Generation(prompt, SamplingParams(max_tokens=10), loop) for prompt in prompts]
+    for generation in generations:
+        scheduler.submit(generation)
+    texts = []
+    for generation in generations:
+        events = [event async for event in generation.stream()]
+        assert isinstance(events[-1], Finished) and events[-1].reason == "stop"
+        texts.append("".join(event.text for event in events if isinstance(event, TextDelta)))
+    return texts
+
+
+def test_long_prompt_is_read_in_fixed_chunks_between_generation_steps() -> None:
+    backend = RecordingBackend()
+    scheduler = BatchScheduler(backend, slots=2, max_queue=4, prefill_chunk=4)
+    scheduler.start()
+    try:
+        texts = asyncio.run(run_all(scheduler, [[1, 2], list(range(1, 11))]))
+    finally:
+        scheduler.close()
+    assert texts == ["ab", "ab"]
+    # The 10-token prompt is read as 4 + 4 + 2 tokens, at positions 0, 4, 8, each in a call of its own.
+    assert [call for call in backend.calls if any(slot == 1 and size > 1 for slot, _, size in call)] == [
+        [(1, 0, 4)],
+        [(1, 4, 4)],
+        [(1, 8, 2)],
+    ]
+    # The short request kept generating while the long prompt was read: no call mixes the two.
+    assert all(len({slot for slot, _, size in call if size > 1}) <= 1 for call in backend.calls)
+
+
+def test_waiting_requests_are_admitted_first_in_first_out_and_cancelled_ones_skipped() -> None:
+    backend = RecordingBackend()
+    scheduler = BatchScheduler(backend, slots=1, max_queue=4, prefill_chunk=8)
+
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        generations = [Generation([n], SamplingParams(max_tokens=10), loop) for n in (1, 2, 3)]
+        for generation in generations:
+            scheduler.submit(generation)
+        generations[1].cancel()
+        scheduler.start()
+        reasons = []
+        for generation in generations:
+            events = [event async for event in generation.stream()]
+            final = events[-1]
+            assert isinstance(final, Finished)
+            reasons.append(final.reason)
+        return reasons
+
+    try:
+        reasons = asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert reasons == ["stop", "cancelled", "stop"]
+    prompts_read = [call[0][2] for call in backend.calls if call[0][1] == 0]
+    assert len(prompts_read) == 2  # the cancelled request never took the slot
