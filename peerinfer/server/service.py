@@ -104,7 +104,9 @@ class CompletionService:
         first: float | None = None
         while True:
             try:
-                event = await asyncio.wait_for(generation.events.get(), idle_s)
+                # asyncio.timeout, unlike wait_for, creates no task per token.
+                async with asyncio.timeout(idle_s):
+                    event = await generation.events.get()
             except TimeoutError:
                 yield None
                 continue
