@@ -12,6 +12,8 @@ message that says what was wrong and how to fix it, and maps to one HTTP status 
 - ``AuthError``: missing or wrong API key (401).
 - ``OverloadedError``: the queue is full or the model is still loading (503, with ``retry_after``).
 - ``ClientError``: raised by the SDK when a worker cannot be reached or answers with an error.
+  ``NoPeersError`` (subclass): the network offered no usable peer for the request.
+- ``NetworkError``: the DHT node cannot be used (stopped, or its UDP port is taken).
 
 Foreign exceptions (ctypes, requests, pydantic) are translated into these once, at the boundary,
 with ``raise ... from exc``.
@@ -91,3 +93,11 @@ class ClientError(PeerInferError):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+class NoPeersError(ClientError):
+    """Discovery found no verified peer, or every usable peer failed within the attempt limit."""
+
+
+class NetworkError(PeerInferError):
+    """The peer-to-peer layer cannot work: the DHT node is stopped or cannot start."""

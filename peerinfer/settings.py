@@ -13,7 +13,30 @@ def _default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-class WorkerSettings(BaseSettings):
+class NetworkSettings(BaseSettings):
+    """How a process joins the peer-to-peer network; shared by workers and clients."""
+
+    model_config = SettingsConfigDict(env_prefix="PEERINFER_", extra="ignore")
+
+    bootstrap: str = Field(
+        default="",
+        max_length=4096,
+        description="DHT nodes to join through: host:port[,host:port...]. Empty: start a network of one.",
+    )
+    dht_host: str | None = Field(
+        default=None,
+        description="Address the DHT node binds (UDP). Unset: 127.0.0.1 when every bootstrap node is loopback, "
+        "else 0.0.0.0.",
+    )
+    network_id: int = Field(
+        default=0x50494E46,
+        ge=1,
+        le=2**32 - 1,
+        description="Private DHT network id; nodes of other networks (such as the public Jami DHT) are ignored.",
+    )
+
+
+class WorkerSettings(NetworkSettings):
     """Everything a worker can be told. Every field has a working default."""
 
     model_config = SettingsConfigDict(env_prefix="PEERINFER_", extra="ignore")
@@ -48,9 +71,42 @@ class WorkerSettings(BaseSettings):
     exit_on_load_failure: bool = Field(
         default=True, description="Exit the process (code 3) when the model cannot be loaded."
     )
+    home: Path = Field(
+        default_factory=lambda: Path.home() / ".peerinfer",
+        description="The peerinfer home folder; holds the peer's Ed25519 key (peer_key.pem, mode 0600).",
+    )
+    dht: bool | None = Field(
+        default=None,
+        description="Run a DHT node and announce this worker. Unset: on when PEERINFER_BOOTSTRAP or "
+        "PEERINFER_DHT_PORT is set.",
+    )
+    dht_port: int | None = Field(
+        default=None, ge=0, le=65535, description="UDP port of the DHT node; 0: any free port."
+    )
+    announce_url: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=r"^https?://",
+        description="The URL clients use to reach this worker. Unset: guessed from uvicorn's --host/--port.",
+    )
+    record_lifetime_s: float = Field(
+        default=60.0, ge=2.0, le=600.0, description="Lifetime of an announced record; a dead worker vanishes after it."
+    )
+    record_refresh_s: float | None = Field(
+        default=None, gt=0.0, le=600.0, description="Seconds between announcements. Unset: a third of the lifetime."
+    )
+    withdraw_grace_s: float = Field(
+        default=0.3, ge=0.0, le=10.0, description="Time given to the withdrawal to leave before the DHT node stops."
+    )
+
+    @property
+    def dht_enabled(self) -> bool:
+        if self.dht is not None:
+            return self.dht
+        return bool(self.bootstrap.strip()) or self.dht_port is not None
 
 
-class ClientSettings(BaseSettings):
+class ClientSettings(NetworkSettings):
     """Defaults for ``client.py``; command-line flags override them."""
 
     model_config = SettingsConfigDict(env_prefix="PEERINFER_", extra="ignore")

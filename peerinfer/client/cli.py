@@ -7,8 +7,9 @@ import json
 import sys
 from typing import TextIO
 
+from peerinfer.client.routed import RoutedClient, Switch
 from peerinfer.client.sdk import Message, PeerInferClient, StreamStats
-from peerinfer.errors import ClientError
+from peerinfer.errors import ClientError, PeerInferError
 from peerinfer.settings import ClientSettings
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
@@ -30,7 +31,38 @@ def build_parser(settings: ClientSettings) -> argparse.ArgumentParser:
     )
     parser.add_argument("--chat", action="store_true", help="interactive chat that keeps the conversation")
     parser.add_argument("--json", action="store_true", help="print stats as one JSON object on stderr")
+    network = parser.add_argument_group("network (instead of --url)")
+    network.add_argument(
+        "--bootstrap", default=settings.bootstrap or None, help="find peers through this DHT node, host:port"
+    )
+    network.add_argument("--model", default=None, help="model name to ask for (default: the most served)")
+    network.add_argument("--sha256", default=None, help="exact model file to ask for")
+    network.add_argument("--network-id", type=int, default=settings.network_id, help="private DHT network id")
+    network.add_argument("--max-attempts", type=int, default=3, help="peers to try per answer (default: 3)")
+    network.add_argument("--discovery-timeout", type=float, default=5.0, help="seconds to look for peers")
     return parser
+
+
+def _routed(args: argparse.Namespace, settings: ClientSettings, err: TextIO) -> RoutedClient:
+    def note(switch: Switch) -> None:
+        after = f" after {switch.resumed_chars} characters" if switch.resumed_chars else " before the first token"
+        print(
+            f"\n[peer {switch.from_url} failed{after} ({switch.reason}); continuing on {switch.to_url}]",
+            file=err,
+            flush=True,
+        )
+
+    return RoutedClient(
+        args.bootstrap,
+        model_sha256=args.sha256,
+        model_name=args.model,
+        api_key=args.api_key,
+        network_id=args.network_id,
+        dht_host=settings.dht_host,
+        max_attempts=args.max_attempts,
+        discovery_timeout_s=args.discovery_timeout,
+        on_switch=note,
+    )
 
 
 def _report(stats: StreamStats | None, as_json: bool, err: TextIO) -> None:
@@ -49,7 +81,7 @@ def _report(stats: StreamStats | None, as_json: bool, err: TextIO) -> None:
 
 
 def _answer(
-    client: PeerInferClient, messages: list[Message], args: argparse.Namespace, out: TextIO, err: TextIO
+    client: PeerInferClient | RoutedClient, messages: list[Message], args: argparse.Namespace, out: TextIO, err: TextIO
 ) -> str:
     stream = client.chat_stream(messages, max_tokens=args.max_tokens, temperature=args.temperature)
     parts: list[str] = []
@@ -63,7 +95,9 @@ def _answer(
     return "".join(parts)
 
 
-def _chat_loop(client: PeerInferClient, base: list[Message], args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def _chat_loop(
+    client: PeerInferClient | RoutedClient, base: list[Message], args: argparse.Namespace, out: TextIO, err: TextIO
+) -> int:
     history = list(base)
     print("Chat with the worker. Empty line or Ctrl-D ends; /reset forgets the conversation.", file=err)
     while True:
@@ -84,14 +118,17 @@ def _chat_loop(client: PeerInferClient, base: list[Message], args: argparse.Name
 def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    args = build_parser(ClientSettings()).parse_args(argv)
+    settings = ClientSettings()
+    args = build_parser(settings).parse_args(argv)
     if args.max_tokens < 1:
         print(f"error: --max-tokens must be at least 1, got {args.max_tokens}", file=err)
         return 2
     base: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     try:
-        client = PeerInferClient(args.url, api_key=args.api_key)
-    except ClientError as exc:
+        client: PeerInferClient | RoutedClient = (
+            _routed(args, settings, err) if args.bootstrap else PeerInferClient(args.url, api_key=args.api_key)
+        )
+    except PeerInferError as exc:
         print(f"error: {exc.message}", file=err, flush=True)
         return 2
     try:

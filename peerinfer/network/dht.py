@@ -66,10 +66,6 @@ class DhtNode:
     def port(self) -> int:
         return int(self._runner.getBound().getPort())
 
-    @property
-    def node_id(self) -> str:
-        return str(self._runner.getNodeId().decode() if hasattr(self._runner.getNodeId(), "decode") else "")
-
     def bootstrap(self, nodes: Sequence[tuple[str, int]]) -> None:
         for host, port in nodes:
             self._runner.bootstrap(host, str(port))

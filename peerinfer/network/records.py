@@ -213,3 +213,25 @@ def select_live(values: Iterable[bytes], now: float, max_skew_s: float = DEFAULT
         by_peer.setdefault(record.peer_id, record)
     result.records = list(by_peer.values())
     return result
+
+
+CHALLENGE_DOMAIN = b"peerinfer-challenge-v1\n"
+MIN_NONCE_BYTES = 16
+MAX_NONCE_BYTES = 64
+
+
+def challenge_message(nonce: bytes) -> bytes:
+    """What a worker signs to prove it holds its record's key; the domain keeps it from signing records."""
+    return CHALLENGE_DOMAIN + nonce
+
+
+def verify_challenge(record: PeerRecord, nonce: bytes, answer: Any) -> bool:
+    """True only if ``answer`` (the worker's JSON) is ``record``'s key signing ``nonce``."""
+    if not isinstance(answer, dict) or answer.get("peer_id") != record.peer_id:
+        return False
+    try:
+        signature = unb64(str(answer.get("signature", "")))
+        public_key = unb64(record.public_key)
+    except ValueError:
+        return False
+    return verify_signature(public_key, signature, challenge_message(nonce))

@@ -103,16 +103,30 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
         metrics=metrics,
     )
 
+    network = None
+    if settings.dht_enabled:
+        from peerinfer.network.worker import WorkerNetwork
+
+        network = WorkerNetwork(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.load_task = asyncio.create_task(_load(state))
+        if network is not None:
+            await network.start()
+            network.announce_when_ready(state.load_task, lambda: state.ready, state.engine)
         yield
+        if network is not None:
+            await network.stop(state.engine, state.ready)
         await state.load_task
         if state.owns_engine:
             state.engine.close()
 
     app = FastAPI(title="peerinfer worker", lifespan=lifespan)
     app.state.worker = state
+    app.state.network = network
+    if network is not None:
+        app.include_router(network.router)
     app.add_middleware(RequestCounter, metrics=metrics)
     _add_error_handlers(app)
     _add_routes(app, state)

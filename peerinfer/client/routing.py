@@ -1,0 +1,132 @@
+"""Routing decisions, as plain functions over plain data: which peers to probe, which to use,
+what a failure means, how long a failing peer is banned, and how an answer is resumed. Pure.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from peerinfer.network.identity import PeerId
+from peerinfer.network.records import PeerRecord
+
+ASSUMED_ANSWER_TOKENS = 128
+"""Length of a typical answer, used to turn a queue into seconds of waiting."""
+
+Action = Literal["failover", "resume", "fatal"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one ``/health`` round trip said about a peer."""
+
+    peer_id: PeerId
+    url: str
+    rtt_s: float
+    slots_total: int
+    slots_free: int
+    queue: int
+    tokens_per_s: float
+
+
+def estimate_ttft_s(probe: Probe) -> float:
+    """Seconds to the first token: one round trip, plus waiting for a slot when none is free.
+
+    A request waiting behind ``queue`` others on ``slots_total`` slots waits for about
+    ``(queue + 1) / slots_total`` answers of ``ASSUMED_ANSWER_TOKENS`` at the peer's measured speed.
+    """
+    wait = 0.0
+    if probe.slots_free <= 0:
+        speed = probe.tokens_per_s if probe.tokens_per_s > 0 else 10.0
+        wait = (probe.queue + 1) / max(probe.slots_total, 1) * ASSUMED_ANSWER_TOKENS / speed
+    return probe.rtt_s + wait
+
+
+def candidates_to_probe(
+    records: Sequence[PeerRecord], banned: set[str], count: int, rng: random.Random
+) -> list[PeerRecord]:
+    """Up to ``count`` unbanned peers, those whose record shows more free slots first, ties at random."""
+    usable = [record for record in records if record.peer_id not in banned]
+    rng.shuffle(usable)
+    usable.sort(key=lambda record: record.queue - record.slots_free)
+    return usable[:count]
+
+
+def choose_peer(probes: Sequence[Probe], rng: random.Random) -> Probe:
+    """Power of two choices: two probed peers at random, the one with the lower estimated TTFT.
+
+    Always taking the single best peer would send a crowd of clients, who all see the same loads,
+    to the same peer at once; two random choices spread them while still avoiding busy peers.
+    """
+    if not probes:
+        raise ValueError("choose_peer needs at least one probe")
+    if len(probes) == 1:
+        return probes[0]
+    first, second = rng.sample(list(probes), 2)
+    return first if estimate_ttft_s(first) <= estimate_ttft_s(second) else second
+
+
+def failure_action(status: int | None, streamed_text: bool) -> Action:
+    """What to do when a peer fails: ``status`` is the HTTP status, None for connection errors and time-outs.
+
+    After text has streamed the answer is resumed elsewhere. Before, connection errors, time-outs,
+    401, 429 and 5xx move to the next peer; other 4xx mean the request itself is wrong, and another
+    peer would say the same.
+    """
+    if status is None or status in (401, 408, 429) or status >= 500:
+        return "resume" if streamed_text else "failover"
+    return "fatal"
+
+
+@dataclass
+class BanList:
+    """Failing peers are skipped for ``base_s * 2**(failures-1)`` seconds, at most ``max_s``.
+
+    A success clears the peer's count. Times are passed in, so the rules can be tested without waiting.
+    """
+
+    base_s: float = 2.0
+    max_s: float = 300.0
+    failures: dict[str, int] = field(default_factory=dict)
+    until: dict[str, float] = field(default_factory=dict)
+
+    def fail(self, peer_id: str, now: float) -> float:
+        """Count a failure; returns how long the peer is now banned for."""
+        count = self.failures.get(peer_id, 0) + 1
+        self.failures[peer_id] = count
+        duration = min(self.max_s, self.base_s * 2.0 ** (count - 1))
+        self.until[peer_id] = now + duration
+        return duration
+
+    def succeed(self, peer_id: str) -> None:
+        self.failures.pop(peer_id, None)
+        self.until.pop(peer_id, None)
+
+    def is_banned(self, peer_id: str, now: float) -> bool:
+        return self.until.get(peer_id, 0.0) > now
+
+    def banned(self, now: float) -> set[str]:
+        return {peer for peer, until in self.until.items() if until > now}
+
+
+def remaining_tokens(params: dict[str, Any], streamed_deltas: int) -> dict[str, Any]:
+    """``params`` with the token limit lowered by what has been streamed already (at least 1 left)."""
+    updated = dict(params)
+    for name in ("max_tokens", "max_completion_tokens"):
+        if isinstance(updated.get(name), int):
+            updated[name] = max(1, updated[name] - streamed_deltas)
+    return updated
+
+
+def resume_messages(messages: Sequence[dict[str, str]], partial: str, continuing: bool) -> list[dict[str, str]]:
+    """The conversation plus the partial answer as the assistant message to continue.
+
+    If the caller was already continuing an assistant message (``continuing``), the partial text extends it.
+    """
+    history = [dict(message) for message in messages]
+    if continuing and history and history[-1].get("role") == "assistant":
+        history[-1]["content"] = history[-1].get("content", "") + partial
+        return history
+    return [*history, {"role": "assistant", "content": partial}]

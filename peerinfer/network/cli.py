@@ -1,0 +1,142 @@
+"""``python3 -m peerinfer``: run a stand-alone bootstrap node, or list the verified peers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TextIO
+
+import requests
+
+from peerinfer.errors import PeerInferError
+from peerinfer.network.addresses import dht_bind_host, parse_bootstrap
+from peerinfer.network.dht import DhtNode
+from peerinfer.network.discovery import Discovery
+from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, model_key
+from peerinfer.settings import ClientSettings
+
+
+def build_parser(settings: ClientSettings) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python3 -m peerinfer", description="peerinfer network tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    boot = commands.add_parser("bootstrap", help="run a stand-alone DHT bootstrap node until interrupted")
+    boot.add_argument("--port", type=int, default=4222, help="UDP port (default: %(default)s)")
+    boot.add_argument("--host", default=settings.dht_host or "0.0.0.0", help="address to bind (default: %(default)s)")
+    peers = commands.add_parser("peers", help="list the verified peers on the network")
+    peers.add_argument(
+        "--bootstrap", default=settings.bootstrap, help="host:port of a DHT node (default: $PEERINFER_BOOTSTRAP)"
+    )
+    peers.add_argument("--sha256", default=None, help="only peers serving this model file")
+    peers.add_argument("--model", default=None, help="only peers serving a model of this name")
+    peers.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    peers.add_argument("--min-peers", type=int, default=1, help="wait until this many are found (default: 1)")
+    peers.add_argument("--timeout", type=float, default=5.0, help="most seconds to wait for them (default: 5)")
+    for sub in (boot, peers):
+        sub.add_argument("--network-id", type=int, default=settings.network_id, help="private DHT network id")
+    return parser
+
+
+def run_bootstrap(args: argparse.Namespace, err: TextIO) -> int:
+    node = DhtNode(host=args.host, port=args.port, network_id=args.network_id)
+    print(f"bootstrap node on udp {args.host}:{node.port} (network {args.network_id:#x}); Ctrl-C stops it", file=err)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        node.close()
+    return 0
+
+
+def _rtt_ms(url: str) -> float | None:
+    started = time.perf_counter()
+    try:
+        ok = requests.get(url + "/health", timeout=2).status_code == 200
+    except requests.RequestException:
+        return None
+    return round((time.perf_counter() - started) * 1000, 1) if ok else None
+
+
+def describe(record: PeerRecord, rtt_ms: float | None, now: float) -> dict[str, Any]:
+    return {
+        "id": record.peer_id,
+        "endpoint": record.endpoints[0],
+        "model": record.model,
+        "sha256": record.sha256,
+        "slots_free": record.slots_free,
+        "slots_total": record.slots_total,
+        "queue": record.queue,
+        "rtt_ms": rtt_ms,
+        "tokens_per_s": record.tokens_per_s,
+        "age_s": round(record.age_s(now), 1),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ["ID", "ENDPOINT", "MODEL", "SLOTS", "RTT_MS", "TOKENS/S", "AGE_S"]
+    lines = [header] + [
+        [
+            row["id"][:12],
+            row["endpoint"],
+            row["model"],
+            f"{row['slots_free']}/{row['slots_total']}",
+            "down" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f}",
+            f"{row['tokens_per_s']:.1f}",
+            f"{row['age_s']:.0f}",
+        ]
+        for row in rows
+    ]
+    widths = [max(len(line[col]) for line in lines) for col in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def run_peers(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    nodes = parse_bootstrap(args.bootstrap)
+    if not nodes:
+        print("error: no bootstrap node; pass --bootstrap host:port", file=err)
+        return 2
+    node = DhtNode(host=dht_bind_host(None, nodes), port=0, network_id=args.network_id, bootstrap=nodes)
+    try:
+        discovery = Discovery(node)
+        key = model_key(args.sha256) if args.sha256 else DIRECTORY_KEY
+        deadline = time.monotonic() + args.timeout
+        while True:
+            found = discovery.verified(key)
+            records = [r for r in found.records if args.model is None or r.model == args.model]
+            if len(records) >= args.min_peers or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        node.close()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        rtts = list(pool.map(lambda r: _rtt_ms(r.endpoints[0]), records))
+    now = time.time()
+    rows = [describe(record, rtt, now) for record, rtt in zip(records, rtts, strict=True)]
+    if args.json:
+        print(json.dumps(rows, indent=2), file=out)
+    else:
+        print(format_table(rows), file=out)
+    if discovery.rejected:
+        print(f"dropped {sum(discovery.rejected.values())} invalid records: {dict(discovery.rejected)}", file=err)
+    return 0 if records else 1
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser(ClientSettings()).parse_args(argv)
+    try:
+        if args.command == "bootstrap":
+            return run_bootstrap(args, err)
+        return run_peers(args, out, err)
+    except PeerInferError as exc:
+        print(f"error: {exc.message}", file=err)
+        return 2

@@ -1,0 +1,93 @@
+"""Finding verified peers for a model on the DHT.
+
+A lookup is one DHT get under the model's key (by sha256), or, when the caller names no sha256,
+one get under the directory key to choose the model first. A fresh node may need a moment to join,
+so an empty answer is retried until ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, VerifiedRecords, model_key, select_live
+
+log = logging.getLogger(__name__)
+
+
+class ValueStore(Protocol):
+    """What discovery needs from a DHT node."""
+
+    def get(self, key: str, timeout_s: float) -> list[bytes]: ...
+
+
+@dataclass
+class Lookup:
+    """Verified peers for one model, and what was dropped on the way."""
+
+    sha256: str | None
+    records: list[PeerRecord]
+    rejected: Counter[str] = field(default_factory=Counter)
+    dht_gets: int = 0
+
+
+def pick_model(records: Sequence[PeerRecord], name: str | None) -> str | None:
+    """The sha256 most peers serve, among those whose model is ``name`` (any, if None).
+
+    Ties go to the smallest sha256 so every client breaks them the same way.
+    """
+    counts = Counter(record.sha256 for record in records if name is None or record.model == name)
+    if not counts:
+        return None
+    return min(counts, key=lambda sha: (-counts[sha], sha))
+
+
+class Discovery:
+    """Looks up peers through a ``ValueStore``; counts every rejected value in ``rejected``."""
+
+    def __init__(
+        self,
+        store: ValueStore,
+        *,
+        timeout_s: float = 5.0,
+        get_timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._timeout_s = timeout_s
+        self._get_timeout_s = get_timeout_s
+        self._clock = clock
+        self.rejected: Counter[str] = Counter()
+
+    def verified(self, key: str) -> VerifiedRecords:
+        result = select_live(self._store.get(key, self._get_timeout_s), self._clock())
+        if result.rejected:
+            log.info("dropped %d DHT values under %s: %s", sum(result.rejected.values()), key, dict(result.rejected))
+        self.rejected.update(result.rejected)
+        return result
+
+    def lookup(self, sha256: str | None = None, name: str | None = None, min_peers: int = 1) -> Lookup:
+        """Peers serving the model ``sha256``, or named ``name``, or the most served model."""
+        deadline = time.monotonic() + self._timeout_s
+        gets = 0
+        rejected: Counter[str] = Counter()
+        while True:
+            chosen = sha256
+            records: list[PeerRecord] = []
+            if chosen is None:
+                directory = self.verified(DIRECTORY_KEY)
+                gets += 1
+                rejected.update(directory.rejected)
+                chosen = pick_model(directory.records, name)
+            if chosen is not None:
+                found = self.verified(model_key(chosen))
+                gets += 1
+                rejected.update(found.rejected)
+                records = [record for record in found.records if record.sha256 == chosen]
+            if len(records) >= min_peers or time.monotonic() >= deadline:
+                return Lookup(chosen, records, rejected, gets)
+            time.sleep(0.2)

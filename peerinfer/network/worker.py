@@ -1,0 +1,220 @@
+"""What a worker adds to its app when the network is on.
+
+At start-up it loads (or creates) its identity and starts a DHT node. Once the model is ready it
+measures its own speed once, then announces a signed record under its model's key and the
+directory key every ``record_refresh_s``; each record lives ``record_lifetime_s``, so a worker
+killed with -9 drops out by itself. A graceful stop announces a signed withdrawal. It also answers
+``POST /peer/challenge`` by signing the client's nonce, and logs an error when another live
+process announces its peer id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from peerinfer.engine.base import Engine, Finished, Generation, SamplingParams, TextDelta
+from peerinfer.errors import OverloadedError, PeerInferError, RequestError
+from peerinfer.network.addresses import dht_bind_host, guess_announce_url, parse_bootstrap
+from peerinfer.network.dht import DhtNode
+from peerinfer.network.identity import PeerIdentity, b64, load_or_create_identity, unb64
+from peerinfer.network.records import (
+    DIRECTORY_KEY,
+    MAX_NONCE_BYTES,
+    MIN_NONCE_BYTES,
+    PeerRecord,
+    challenge_message,
+    model_key,
+    select_live,
+    sign_record,
+)
+from peerinfer.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+CALIBRATION_TOKENS = 16
+
+
+def _this_host() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+async def measure_tokens_per_s(engine: Engine) -> float:
+    """Decode speed of one short greedy generation; 0.0 if it yields fewer than two tokens."""
+    tokens = await asyncio.to_thread(engine.tokenize, "The sky is", add_bos=True)
+    generation = Generation(
+        tokens, SamplingParams(max_tokens=CALIBRATION_TOKENS, temperature=0.0), asyncio.get_running_loop()
+    )
+    engine.submit(generation)
+    first: float | None = None
+    produced = 0
+    async for event in generation.stream():
+        if isinstance(event, TextDelta) and first is None:
+            first = time.perf_counter()
+        if isinstance(event, Finished):
+            produced = event.completion_tokens
+    if first is None or produced < 2:
+        return 0.0
+    return (produced - 1) / max(time.perf_counter() - first, 1e-6)
+
+
+class WorkerNetwork:
+    """The worker's DHT node, announcer and challenge endpoint. Construction touches nothing."""
+
+    def __init__(self, settings: WorkerSettings, argv: list[str] | None = None) -> None:
+        self.settings = settings
+        self.bootstrap = parse_bootstrap(settings.bootstrap)
+        self.announce_url = settings.announce_url or guess_announce_url(
+            argv if argv is not None else sys.argv, _this_host()
+        )
+        self.instance = secrets.token_hex(8)
+        self.identity: PeerIdentity | None = None
+        self.node: DhtNode | None = None
+        self.tokens_per_s = 0.0
+        self.started_at = 0.0
+        self.clashes: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.router = self._make_router()
+
+    async def start(self) -> None:
+        """Load the identity and join the DHT; the record is announced later, by ``announce_when_ready``."""
+        self.started_at = time.time()
+        self.identity = await asyncio.to_thread(load_or_create_identity, self.settings.home)
+        host = dht_bind_host(self.settings.dht_host, self.bootstrap)
+        self.node = DhtNode(
+            host=host,
+            port=self.settings.dht_port or 0,
+            network_id=self.settings.network_id,
+            bootstrap=self.bootstrap,
+            value_lifetime_s=self.settings.record_lifetime_s,
+        )
+        log.info(
+            "peer %s: DHT node on udp %s:%d (network %#x), bootstrap %s, announcing %s",
+            self.identity.peer_id,
+            host,
+            self.node.port,
+            self.settings.network_id,
+            self.settings.bootstrap or "none (a network of one)",
+            self.announce_url,
+        )
+
+    def announce_when_ready(self, loaded: asyncio.Task[None], ready: Callable[[], bool], engine: Engine) -> None:
+        self._task = asyncio.create_task(self._announce_loop(loaded, ready, engine))
+
+    def record(self, engine: Engine, withdrawn: bool = False) -> PeerRecord:
+        assert self.identity is not None  # set by start(), before any record is built
+        info = engine.info
+        stats = engine.stats()
+        now = time.time()
+        return PeerRecord(
+            peer_id=self.identity.peer_id,
+            public_key=b64(self.identity.public_key),
+            endpoints=(self.announce_url,),
+            model=info.model_id[:128],
+            sha256=info.sha256,
+            n_ctx=info.n_ctx,
+            slots_total=stats.slots_total,
+            slots_free=max(0, stats.slots_total - stats.slots_busy),
+            queue=stats.queued,
+            tokens_per_s=round(self.tokens_per_s, 2),
+            issued_at=round(now, 3),
+            expires_at=round(now + self.settings.record_lifetime_s, 3),
+            instance=self.instance,
+            withdrawn=withdrawn,
+        )
+
+    def _put(self, record: PeerRecord) -> None:
+        assert self.identity is not None and self.node is not None
+        data = sign_record(record, self.identity)
+        self.node.put(model_key(record.sha256), data)
+        self.node.put(DIRECTORY_KEY, data)
+
+    async def _announce_loop(self, loaded: asyncio.Task[None], ready: Callable[[], bool], engine: Engine) -> None:
+        await asyncio.shield(loaded)
+        if not ready():
+            return
+        try:
+            self.tokens_per_s = await measure_tokens_per_s(engine)
+        except PeerInferError as exc:
+            log.warning("could not measure tokens/s: %s", exc.message)
+        refresh = self.settings.record_refresh_s or self.settings.record_lifetime_s / 3
+        while True:
+            self._put(self.record(engine))
+            await asyncio.sleep(refresh / 2)
+            await self._check_clash(engine)
+            await asyncio.sleep(refresh / 2)
+
+    async def _check_clash(self, engine: Engine) -> None:
+        assert self.identity is not None and self.node is not None
+        values = await asyncio.to_thread(self.node.get, model_key(engine.info.sha256), 2.0)
+        for record in select_live(values, time.time()).instances:
+            # A record issued after this process started cannot come from a dead earlier run of it.
+            clash = record.instance != self.instance and record.issued_at > self.started_at
+            if record.peer_id == self.identity.peer_id and clash and record.instance not in self.clashes:
+                self.clashes.add(record.instance)
+                log.error(
+                    "peer id %s is also announced by another live worker at %s (instance %s); two workers share "
+                    "one identity, probably a copied PEERINFER_HOME. Give each worker its own PEERINFER_HOME.",
+                    record.peer_id,
+                    ", ".join(record.endpoints),
+                    record.instance,
+                )
+
+    async def stop(self, engine: Engine, ready: bool) -> None:
+        """Withdraw the record at once, then leave the DHT."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.node is None:
+            return
+        if ready and self.identity is not None:
+            self._put(self.record(engine, withdrawn=True))
+            log.info("peer %s withdrew its record", self.identity.peer_id)
+            await asyncio.sleep(self.settings.withdraw_grace_s)
+        await asyncio.to_thread(self.node.close)
+
+    def _make_router(self) -> APIRouter:
+        router = APIRouter()
+
+        @router.post("/peer/challenge")
+        async def challenge(request: Request) -> JSONResponse:
+            if self.identity is None:
+                raise OverloadedError("the peer identity is not loaded yet; retry shortly", retry_after=1)
+            nonce = _read_nonce(await request.body())
+            identity = self.identity
+            return JSONResponse(
+                {
+                    "peer_id": identity.peer_id,
+                    "public_key": b64(identity.public_key),
+                    "signature": b64(identity.sign(challenge_message(nonce))),
+                }
+            )
+
+        return router
+
+
+def _read_nonce(body: bytes) -> bytes:
+    try:
+        payload: Any = json.loads(body)
+        nonce = unb64(str(payload["nonce"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RequestError('expected {"nonce": "<base64>"}', param="nonce") from exc
+    if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
+        raise RequestError(
+            f"the nonce has {len(nonce)} bytes; send {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} random bytes", param="nonce"
+        )
+    return nonce

@@ -1,0 +1,201 @@
+"""Real OpenDHT nodes and real uvicorn workers on 127.0.0.1: discovery, choice, trust, withdrawal."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from peerinfer.__main__ import main as peerinfer_main
+from peerinfer.client.cli import main as client_main
+from peerinfer.client.routed import RoutedClient
+from peerinfer.client.routing import Probe
+from peerinfer.engine.fake import FakeEngine
+from peerinfer.network.dht import DhtNode
+from peerinfer.network.identity import PeerIdentity, b64
+from peerinfer.network.records import model_key, sign_record
+from tests.network_support import STORY, ThreadWorker, bootstrap_node, net_settings, network_id, story_responder
+from tests.test_network_records import make_record
+
+FAKE_SHA = FakeEngine().info.sha256
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@dataclasses.dataclass
+class Net:
+    boot: DhtNode
+    net: int
+    workers: list[ThreadWorker]
+
+    def client(self, **options: object) -> RoutedClient:
+        return RoutedClient(f"127.0.0.1:{self.boot.port}", network_id=self.net, **options)  # type: ignore[arg-type]
+
+    def add_worker(self, home: Path, **overrides: object) -> ThreadWorker:
+        engine = FakeEngine(story_responder, token_delay_s=0.002, slots=2, max_queue=8)
+        worker = ThreadWorker(engine, lambda url: net_settings(home, self.boot, self.net, url, **overrides))
+        self.workers.append(worker)
+        return worker
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[Net]:
+    ident = network_id()
+    with bootstrap_node(ident) as boot:
+        network = Net(boot, ident, [])
+        try:
+            yield network
+        finally:
+            for worker in network.workers:
+                worker.stop()
+
+
+@pytest.fixture
+def three(net: Net, tmp_path: Path) -> Net:
+    for index in range(3):
+        net.add_worker(tmp_path / f"home{index}")
+    return net
+
+
+def test_client_discovers_all_three_workers(three: Net) -> None:
+    with three.client() as client:
+        lookup = client.discovery.lookup(FAKE_SHA, min_peers=3)
+        assert {record.endpoints[0] for record in lookup.records} == {worker.url for worker in three.workers}
+        assert {record.peer_id for record in lookup.records} == {worker.peer_id for worker in three.workers}
+        # Naming neither sha256 nor model finds the model most peers serve; naming the model works too.
+        assert client.discovery.lookup(min_peers=3).sha256 == FAKE_SHA
+        assert len(client.discovery.lookup(name="fake-model", min_peers=3).records) == 3
+
+
+def test_concurrent_requests_spread_over_workers(three: Net) -> None:
+    with three.client(model_sha256=FAKE_SHA, rng=random.Random(5)) as client:
+        client.discovery.lookup(FAKE_SHA, min_peers=3)
+
+        def ask(_: int) -> tuple[str, str | None]:
+            stream = client.chat_stream(HELLO, max_tokens=400)
+            return "".join(stream), stream.peer_url
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            results = list(pool.map(ask, range(6)))
+    assert all(text == STORY for text, _ in results)
+    assert len({url for _, url in results}) >= 2
+
+
+def test_forged_records_are_ignored_and_counted(net: Net, tmp_path: Path) -> None:
+    real = net.add_worker(tmp_path / "real")
+    forger, victim = PeerIdentity.generate(), PeerIdentity.generate()
+    now = time.time()
+    fresh = make_record(forger, sha256=FAKE_SHA, endpoints=("http://127.0.0.1:9",), issued_at=now, expires_at=now + 30)
+    signed = json.loads(sign_record(fresh, forger))
+    tampered = dict(signed, record={**signed["record"], "slots_free": 0})
+    swapped = sign_record(dataclasses.replace(fresh, public_key=b64(victim.public_key)), forger)
+    expired = sign_record(dataclasses.replace(fresh, issued_at=time.time() - 100, expires_at=time.time() - 50), forger)
+    oversized = sign_record(dataclasses.replace(fresh, model="m" * 2000), forger)
+    for data in (json.dumps(tampered).encode(), swapped, expired, oversized):
+        net.boot.put(model_key(FAKE_SHA), data)
+    with net.client(model_sha256=FAKE_SHA) as client:
+        lookup = None
+        for _ in range(50):
+            lookup = client.discovery.lookup(FAKE_SHA)
+            if sum(lookup.rejected.values()) >= 4:
+                break
+            time.sleep(0.1)
+        assert lookup is not None
+        assert [record.peer_id for record in lookup.records] == [real.peer_id]
+        assert lookup.rejected == Counter({"bad_signature": 1, "id_mismatch": 1, "expired": 1, "too_large": 1})
+
+
+def test_endpoint_that_cannot_sign_the_nonce_is_not_used(net: Net, tmp_path: Path) -> None:
+    honest = net.add_worker(tmp_path / "honest")
+    decoy = net.add_worker(tmp_path / "decoy")
+    # A validly signed record whose endpoint is someone else's server: that server cannot sign with this key.
+    impostor = PeerIdentity.generate()
+    forged = make_record(
+        impostor, sha256=FAKE_SHA, endpoints=(decoy.url,), issued_at=time.time(), expires_at=time.time() + 30
+    )
+    net.boot.put(model_key(FAKE_SHA), sign_record(forged, impostor))
+
+    def prefer_impostor(probes: Sequence[Probe], rng: random.Random) -> Probe:
+        return next((p for p in probes if p.peer_id == impostor.peer_id), probes[0])
+
+    with net.client(model_sha256=FAKE_SHA, chooser=prefer_impostor, probe_count=5) as client:
+        for _ in range(50):
+            if impostor.peer_id in {r.peer_id for r in client.peers(fresh=True)}:
+                break
+            time.sleep(0.1)
+        stream = client.chat_stream(HELLO, max_tokens=400)
+        assert "".join(stream) == STORY
+        assert stream.peer_url in (honest.url, decoy.url)
+        assert client.bans.is_banned(impostor.peer_id, time.monotonic())
+        assert (impostor.peer_id, decoy.url) not in client._verified
+
+
+def test_graceful_stop_withdraws_the_record_at_once(net: Net, tmp_path: Path) -> None:
+    stays = net.add_worker(tmp_path / "a")
+    leaves = net.add_worker(tmp_path / "b")  # records live 30 s; only the withdrawal can remove it sooner
+    with net.client() as client:
+        assert len(client.discovery.lookup(FAKE_SHA, min_peers=2).records) == 2
+        leaves.stop()
+        net.workers.remove(leaves)
+        stopped = time.monotonic()
+        while {r.peer_id for r in client.discovery.lookup(FAKE_SHA).records} != {stays.peer_id}:
+            assert time.monotonic() - stopped < 10, "the withdrawn record is still listed"
+            time.sleep(0.1)
+
+
+def test_duplicate_peer_id_is_logged(net: Net, tmp_path: Path) -> None:
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("peerinfer.network.worker")
+    logger.addHandler(handler)
+    try:
+        first = net.add_worker(tmp_path / "shared")
+        second = net.add_worker(tmp_path / "shared")  # a copied home folder: the same key
+        assert first.peer_id == second.peer_id
+        deadline = time.monotonic() + 15
+        while not any("also announced by another live worker" in m for m in messages):
+            assert time.monotonic() < deadline, "the clash was not logged"
+            time.sleep(0.1)
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_peers_command_and_client_cli_with_bootstrap(three: Net) -> None:
+    bootstrap = f"127.0.0.1:{three.boot.port}"
+    env_net = str(three.net)
+    out, err = io.StringIO(), io.StringIO()
+    base = ["peers", "--bootstrap", bootstrap, "--network-id", env_net, "--min-peers", "3"]
+    code = peerinfer_main([*base, "--json"], out, err)
+    assert code == 0, err.getvalue()
+    listed = json.loads(out.getvalue())
+    assert {peer["endpoint"] for peer in listed} == {worker.url for worker in three.workers}
+    assert all(peer["model"] == "fake-model" and peer["rtt_ms"] is not None for peer in listed)
+    assert {"id", "endpoint", "model", "sha256", "slots_free", "slots_total", "tokens_per_s", "age_s"} <= set(listed[0])
+
+    table = io.StringIO()
+    assert peerinfer_main(base, table, err) == 0
+    assert table.getvalue().splitlines()[0].split()[:3] == ["ID", "ENDPOINT", "MODEL"]
+    assert len(table.getvalue().splitlines()) == 4
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["hello", "--bootstrap", bootstrap, "--network-id", env_net, "--max-tokens", "400", "--temperature", "0"]
+    assert client_main(argv, out, err) == 0, err.getvalue()
+    assert out.getvalue() == STORY + "\n"
+
+
+def test_no_peers_is_one_line_error(net: Net) -> None:
+    err = io.StringIO()
+    argv = ["hi", "--bootstrap", f"127.0.0.1:{net.boot.port}", "--network-id", str(net.net), "--discovery-timeout", "1"]
+    with contextlib.redirect_stderr(err):
+        assert client_main(argv, io.StringIO(), err) == 1
+    assert err.getvalue().startswith("error: no usable peer")

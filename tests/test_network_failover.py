@@ -1,0 +1,144 @@
+"""Workers in their own processes, killed with -9: failover, mid-stream resume, records that expire."""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from peerinfer.client import cli
+from peerinfer.client.routed import RoutedClient
+from peerinfer.client.routing import Probe
+from peerinfer.engine.fake import FakeEngine
+from peerinfer.network.dht import DhtNode
+from tests.network_support import STORY, ProcessWorker, bootstrap_node, network_id
+
+FAKE_SHA = FakeEngine().info.sha256
+HELLO = [{"role": "user", "content": "tell me a story"}]
+
+
+class Cluster:
+    def __init__(self, boot: DhtNode, net: int, tmp: Path) -> None:
+        self.boot, self.net, self.tmp = boot, net, tmp
+        self.workers: list[ProcessWorker] = []
+
+    def spawn(self, responder: str = "story", token_delay_s: float = 0.0, lifetime_s: float = 30.0) -> ProcessWorker:
+        env = {
+            "PEERINFER_HOME": str(self.tmp / f"home{len(self.workers)}"),
+            "PEERINFER_BOOTSTRAP": f"127.0.0.1:{self.boot.port}",
+            "PEERINFER_NETWORK_ID": str(self.net),
+            "PEERINFER_RECORD_LIFETIME_S": str(lifetime_s),
+            "PEERINFER_RECORD_REFRESH_S": "0.5",
+        }
+        worker = ProcessWorker(responder, env, token_delay_s)
+        self.workers.append(worker)
+        return worker
+
+    def client(self, **options: Any) -> RoutedClient:
+        return RoutedClient(f"127.0.0.1:{self.boot.port}", network_id=self.net, model_sha256=FAKE_SHA, **options)
+
+    def wait_for(self, client: RoutedClient, count: int) -> None:
+        deadline = time.monotonic() + 15
+        while len(client.peers(fresh=True)) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} peers discovered"
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    net = network_id()
+    with bootstrap_node(net) as boot:
+        group = Cluster(boot, net, tmp_path)
+        try:
+            yield group
+        finally:
+            for worker in group.workers:
+                worker.kill()
+
+
+def prefer(url: str) -> Any:
+    def chooser(probes: Sequence[Probe], rng: random.Random) -> Probe:
+        return next((probe for probe in probes if probe.url == url), probes[0])
+
+    return chooser
+
+
+def test_worker_killed_before_first_token_fails_over(cluster: Cluster) -> None:
+    dying = cluster.spawn("dying")
+    healthy = cluster.spawn("story")
+    with cluster.client(chooser=prefer(dying.url)) as client:
+        cluster.wait_for(client, 2)
+        stream = client.chat_stream(HELLO, max_tokens=400)
+        assert "".join(stream) == STORY
+    assert dying.proc.wait(timeout=5) == -9 or dying.proc.returncode == 9
+    assert stream.peer_url == healthy.url
+    assert [(s.from_url, s.to_url, s.resumed_chars) for s in stream.switches] == [(dying.url, healthy.url, 0)]
+    assert stream.attempts == 2
+
+
+def test_worker_killed_mid_stream_resumes_without_gap_or_repeat(cluster: Cluster) -> None:
+    first = cluster.spawn("story", token_delay_s=0.01)
+    second = cluster.spawn("story", token_delay_s=0.01)
+    workers = {first.url: first, second.url: second}
+    with cluster.client() as client:
+        cluster.wait_for(client, 2)
+        stream = client.chat_stream(HELLO, max_tokens=400)
+        parts: list[str] = []
+        for delta in stream:
+            parts.append(delta)
+            if len(parts) == 40:
+                victim = workers[str(stream.peer_url)]
+                victim.kill()
+    text = "".join(parts)
+    assert text == STORY
+    assert len(stream.switches) == 1
+    switch = stream.switches[0]
+    assert switch.from_url == victim.url and switch.to_url != victim.url
+    assert 40 <= switch.resumed_chars < len(STORY)
+    assert stream.stats is not None and stream.stats.finish_reason == "stop"
+
+
+def test_killed_worker_leaves_the_peer_list_within_the_record_lifetime(cluster: Cluster) -> None:
+    lifetime = 3.0
+    stays = cluster.spawn("story", lifetime_s=lifetime)
+    killed = cluster.spawn("story", lifetime_s=lifetime)
+    with cluster.client() as client:
+        cluster.wait_for(client, 2)
+        killed.kill()  # SIGKILL: no withdrawal is sent
+        died = time.monotonic()
+        while {r.endpoints[0] for r in client.peers(fresh=True)} != {stays.url}:
+            assert time.monotonic() - died < lifetime + 3, "the dead worker is still listed"
+            time.sleep(0.1)
+        # The survivor keeps refreshing, so it stays listed past its records' lifetime.
+        time.sleep(lifetime)
+        assert [r.endpoints[0] for r in client.peers(fresh=True)] == [stays.url]
+
+
+def test_client_cli_notes_the_switch_on_stderr(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    dying = cluster.spawn("dying")
+    cluster.spawn("story")
+
+    class PreferDying(RoutedClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, chooser=prefer(dying.url), **kwargs)
+            cluster.wait_for(self, 2)
+
+    monkeypatch.setattr(cli, "RoutedClient", PreferDying)
+    out, err = io.StringIO(), io.StringIO()
+    argv = [
+        "hi",
+        "--bootstrap",
+        f"127.0.0.1:{cluster.boot.port}",
+        "--network-id",
+        str(cluster.net),
+        "--sha256",
+        FAKE_SHA,
+    ]
+    assert cli.main([*argv, "--max-tokens", "400"], out, err) == 0, err.getvalue()
+    assert out.getvalue() == STORY + "\n"
+    assert f"[peer {dying.url} failed before the first token" in err.getvalue()

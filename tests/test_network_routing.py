@@ -1,0 +1,145 @@
+"""Routing decisions as tables: estimates, choice, failure handling, bans and resume requests."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from peerinfer.client.routing import (
+    BanList,
+    Probe,
+    candidates_to_probe,
+    choose_peer,
+    estimate_ttft_s,
+    failure_action,
+    remaining_tokens,
+    resume_messages,
+)
+from peerinfer.network.identity import PeerId, PeerIdentity
+from tests.test_network_records import make_record
+
+
+def probe(name: str, rtt: float = 0.01, free: int = 1, queue: int = 0, total: int = 4, tps: float = 32.0) -> Probe:
+    return Probe(PeerId(name), f"http://{name}", rtt, total, free, queue, tps)
+
+
+@pytest.mark.parametrize(
+    ("p", "expected"),
+    [
+        (probe("a", rtt=0.05, free=2), 0.05),  # a free slot: just the round trip
+        (probe("a", rtt=0.05, free=0, queue=0, total=4, tps=32.0), 0.05 + 1 / 4 * 128 / 32),
+        (probe("a", rtt=0.0, free=0, queue=7, total=4, tps=32.0), 8 / 4 * 128 / 32),
+        (probe("a", rtt=0.0, free=0, queue=0, total=1, tps=0.0), 128 / 10),  # unknown speed: 10 tokens/s
+    ],
+)
+def test_estimate_ttft(p: Probe, expected: float) -> None:
+    assert estimate_ttft_s(p) == pytest.approx(expected)
+
+
+def test_choose_between_two_takes_the_faster() -> None:
+    fast, slow = probe("fast", free=1), probe("slow", free=0, queue=5)
+    for seed in range(20):
+        assert choose_peer([slow, fast], random.Random(seed)) == fast
+
+
+def test_choice_spreads_a_crowd_over_equal_peers() -> None:
+    peers = [probe(name) for name in "abcd"]
+    rng = random.Random(7)
+    picks = Counter(choose_peer(peers, rng).peer_id for _ in range(400))
+    assert set(picks) == set("abcd")
+    assert max(picks.values()) < 200
+
+
+def test_choice_avoids_the_busiest_peer() -> None:
+    peers = [probe("a"), probe("b"), probe("busy", free=0, queue=10)]
+    rng = random.Random(3)
+    picks = Counter(choose_peer(peers, rng).peer_id for _ in range(300))
+    assert picks["busy"] == 0  # in any pair it is the worse one
+
+
+def test_choose_needs_a_probe() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        choose_peer([], random.Random())
+
+
+def test_candidates_skip_banned_and_prefer_free_slots() -> None:
+    records = [
+        make_record(PeerIdentity.generate(), slots_free=free, queue=queue) for free, queue in [(0, 3), (4, 0), (2, 0)]
+    ]
+    banned = {records[2].peer_id}
+    chosen = candidates_to_probe(records, banned, 5, random.Random(1))
+    assert [record.slots_free for record in chosen] == [4, 0]
+    assert len(candidates_to_probe(records, set(), 1, random.Random(1))) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "streamed", "action"),
+    [
+        (None, False, "failover"),  # connection refused, reset or timed out before the first token
+        (503, False, "failover"),
+        (401, False, "failover"),
+        (429, False, "failover"),
+        (500, False, "failover"),
+        (400, False, "fatal"),  # the request itself is wrong; another peer would say the same
+        (413, False, "fatal"),
+        (404, False, "fatal"),
+        (None, True, "resume"),  # the stream broke after text
+        (500, True, "resume"),
+        (400, True, "fatal"),
+    ],
+)
+def test_failure_action(status: int | None, streamed: bool, action: str) -> None:
+    assert failure_action(status, streamed) == action
+
+
+@pytest.mark.parametrize(
+    ("events", "checks"),
+    [
+        # (kind, time) events, then (time, banned?) checks for peer "p"
+        ([("fail", 0.0)], [(0.0, True), (1.9, True), (2.0, False)]),
+        ([("fail", 0.0), ("fail", 2.0)], [(5.9, True), (6.0, False)]),  # 2 s, then 4 s
+        ([("fail", 0.0), ("fail", 2.0), ("fail", 6.0)], [(13.9, True), (14.0, False)]),  # then 8 s
+        ([("fail", 0.0), ("succeed", 1.0)], [(1.0, False)]),  # a success lifts the ban
+        ([("fail", 0.0), ("succeed", 1.0), ("fail", 3.0)], [(4.9, True), (5.0, False)]),  # and resets the count
+    ],
+)
+def test_ban_backoff(events: list[tuple[str, float]], checks: list[tuple[float, bool]]) -> None:
+    bans = BanList(base_s=2.0, max_s=300.0)
+    for kind, when in events:
+        if kind == "fail":
+            bans.fail("p", when)
+        else:
+            bans.succeed("p")
+    for when, banned in checks:
+        assert bans.is_banned("p", when) is banned, when
+        assert ("p" in bans.banned(when)) is banned
+
+
+@pytest.mark.parametrize(("failures", "duration"), [(1, 2.0), (2, 4.0), (5, 32.0), (8, 256.0), (9, 300.0), (30, 300.0)])
+def test_ban_duration_doubles_up_to_the_cap(failures: int, duration: float) -> None:
+    bans = BanList(base_s=2.0, max_s=300.0)
+    durations = [bans.fail("p", 0.0) for _ in range(failures)]
+    assert durations[-1] == duration
+
+
+@pytest.mark.parametrize(
+    ("params", "streamed", "expected"),
+    [
+        ({"max_tokens": 100}, 30, {"max_tokens": 70}),
+        ({"max_tokens": 10}, 30, {"max_tokens": 1}),
+        ({"max_completion_tokens": 50, "temperature": 0}, 5, {"max_completion_tokens": 45, "temperature": 0}),
+        ({"temperature": 0.5}, 5, {"temperature": 0.5}),
+    ],
+)
+def test_remaining_tokens(params: dict[str, object], streamed: int, expected: dict[str, object]) -> None:
+    assert remaining_tokens(params, streamed) == expected
+
+
+def test_resume_messages() -> None:
+    asked = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert resume_messages(asked, "Hel", continuing=False) == [*asked, {"role": "assistant", "content": "Hel"}]
+    prefilled = [*asked, {"role": "assistant", "content": "Sure: "}]
+    assert resume_messages(prefilled, "Hel", continuing=True)[-1] == {"role": "assistant", "content": "Sure: Hel"}
+    assert asked[-1] == {"role": "user", "content": "hi"}  # the caller's list is left alone
