@@ -249,7 +249,7 @@ class RoutedStream:
         if self.peer_url is not None:
             switch = Switch(self.peer_url, probe.url, reason, len(partial))
             self.switches.append(switch)
-            log.warning("peer %s failed (%s); continuing on %s", switch.from_url, reason, switch.to_url)
+            log.info("peer %s failed (%s); continuing on %s", switch.from_url, reason, switch.to_url)
             if self._client.on_switch is not None:
                 self._client.on_switch(switch)
         self.peer_url = probe.url

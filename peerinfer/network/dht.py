@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -76,25 +77,42 @@ class DhtNode:
         value.id = random.getrandbits(63) + 1
         self._runner.put(opendht.InfoHash.get(key), value, _ignore_done)
 
-    def get(self, key: str, timeout_s: float) -> list[bytes]:
-        """Every value found under ``key`` within ``timeout_s``; raises ``NetworkError`` if stopped."""
+    def get(self, key: str, timeout_s: float, settle_s: float = 0.25) -> list[bytes]:
+        """The values found under ``key``; raises ``NetworkError`` if the node is stopped.
+
+        Returns when the search is done, after ``timeout_s``, or once values have arrived and none
+        more for ``settle_s``: a search waits for every close node to answer or time out, and nodes
+        that left recently (closed clients) would otherwise add seconds to every lookup.
+        """
         if self._closed:
             raise NetworkError("the DHT node is stopped")
         found: list[bytes] = []
         lock = threading.Lock()
         done = threading.Event()
+        arrived = threading.Event()
 
         def on_value(value: Any) -> bool:
             with lock:
                 found.append(bytes(value.data))
+            arrived.set()
             return not done.is_set()
 
         def on_done(ok: bool, nodes: Any) -> None:
             done.set()
 
         self._runner.get(opendht.InfoHash.get(key), on_value, on_done)
-        if not done.wait(timeout_s):
-            log.debug("DHT get %s timed out after %.1f s with %d values", key, timeout_s, len(found))
+        deadline = time.monotonic() + timeout_s
+        while not done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.debug("DHT get %s timed out after %.1f s with %d values", key, timeout_s, len(found))
+                break
+            if arrived.is_set():
+                arrived.clear()
+                if not arrived.wait(min(settle_s, left)) and not done.is_set():
+                    break  # values came, then a quiet spell: the rest are stragglers
+            else:
+                done.wait(min(0.05, left))
         done.set()
         with lock:
             return list(found)

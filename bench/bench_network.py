@@ -1,0 +1,199 @@
+"""Network benchmark: discovery time, the cost of choosing a peer, and recovery from a killed worker.
+
+    .venv/bin/python bench/bench_network.py [--reps 5]
+
+Everything runs on 127.0.0.1: one bootstrap DHT node and real-model workers, each a separate
+``python -m uvicorn worker:app`` process with 1 thread and 2 slots. Prints a markdown table.
+
+- start to discovery: from launching a worker process to a client's lookup listing it (model
+  load and the worker's one-off speed measurement included).
+- TTFT direct / routed: time to first token of the same request sent straight to a worker's URL,
+  through a warm ``RoutedClient`` (lookup cached; 2 probes in parallel + the request), and through a
+  cold one (DHT join, lookup, probes, signed-nonce check, then the request).
+- recovery: a worker is killed with -9 while it serves the request, before its first token
+  (during prefill of a long prompt) or after 20 streamed tokens; the time from the kill to the next
+  token, which comes from the other worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from peerinfer.client.routed import RoutedClient  # noqa: E402
+from peerinfer.client.sdk import PeerInferClient  # noqa: E402
+from peerinfer.network.dht import DhtNode  # noqa: E402
+
+NET = 0x42454E43  # "BENC"
+QUESTION = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+LONG = [{"role": "user", "content": "Summarise this text. " + "The lighthouse stood on the rocks by the sea. " * 40}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Worker:
+    def __init__(self, boot_port: int, home: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "PEERINFER_BOOTSTRAP": f"127.0.0.1:{boot_port}",
+            "PEERINFER_NETWORK_ID": str(NET),
+            "PEERINFER_HOME": str(home),
+            "PEERINFER_N_THREADS": "1",
+            "PEERINFER_SLOTS": "2",
+            "PEERINFER_N_CTX": "1024",
+            "PEERINFER_LOG_LEVEL": "WARNING",
+        }
+        command = [sys.executable, "-m", "uvicorn", "worker:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> float:
+        self.proc.send_signal(signal.SIGKILL)
+        killed = time.perf_counter()
+        self.proc.wait()
+        return killed
+
+
+def wait_discovered(client: RoutedClient, url: str, timeout_s: float = 120) -> float:
+    deadline = time.perf_counter() + timeout_s
+    while url not in {record.endpoints[0] for record in client.peers(fresh=True)}:
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"worker {url} was not discovered within {timeout_s} s")
+        time.sleep(0.05)
+    return time.perf_counter()
+
+
+def ttft(stream_factory: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    stream = stream_factory()
+    for _ in stream:  # type: ignore[attr-defined]
+        return time.perf_counter() - started
+    raise SystemExit("no token")
+
+
+def recovery(client: RoutedClient, workers: dict[str, Worker], messages: list[dict[str, str]], after: int) -> float:
+    """Seconds from killing the serving worker to the next token; ``after`` tokens stream first."""
+    stream = client.chat_stream(messages, max_tokens=60, temperature=0)
+    killed: list[float] = []
+    if after == 0:
+        # Kill while the prompt is still being read: the request is in flight, no token yet.
+        def killer() -> None:
+            while stream.peer_url is None:
+                time.sleep(0.001)
+            time.sleep(0.1)
+            killed.append(workers[stream.peer_url].kill())
+
+        threading.Thread(target=killer, daemon=True).start()
+    for count, _ in enumerate(stream, start=1):
+        if killed:
+            return time.perf_counter() - killed[0]
+        if after and count == after:
+            killed.append(workers[str(stream.peer_url)].kill())
+    raise SystemExit("the answer ended before the kill took effect")
+
+
+def summary(values: list[float]) -> str:
+    ms = [value * 1000 for value in values]
+    return f"{statistics.median(ms):.0f} | {min(ms):.0f} | {max(ms):.0f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="peerinfer-bench-"))
+    boot = DhtNode(host="127.0.0.1", port=0, network_id=NET)
+    bootstrap = f"127.0.0.1:{boot.port}"
+    names = ("discovery", "direct", "warm", "cold", "pick", "join", "long", "before", "after")
+    rows: dict[str, list[float]] = {name: [] for name in names}
+    workers: dict[str, Worker] = {}
+    homes = iter(range(1000))
+
+    def spawn(client: RoutedClient) -> Worker:
+        worker = Worker(boot.port, tmp / f"home{next(homes)}")
+        workers[worker.url] = worker
+        rows["discovery"].append(wait_discovered(client, worker.url) - worker.started)
+        return worker
+
+    try:
+        with RoutedClient(bootstrap, network_id=NET, lookup_ttl_s=0, probe_count=2) as watcher:
+            first, second = spawn(watcher), spawn(watcher)
+            direct = PeerInferClient(first.url)
+            direct.chat(QUESTION, max_tokens=1)
+            with RoutedClient(bootstrap, network_id=NET, probe_count=2, lookup_ttl_s=60) as warm:
+                warm.chat(QUESTION, max_tokens=1)
+                for _ in range(args.reps):  # interleaved, so load drift hits both alike
+                    rows["direct"].append(ttft(lambda: direct.chat_stream(QUESTION, max_tokens=8, temperature=0)))
+                    rows["warm"].append(ttft(lambda: warm.chat_stream(QUESTION, max_tokens=8, temperature=0)))
+                    started = time.perf_counter()
+                    warm.pick(set())
+                    rows["pick"].append(time.perf_counter() - started)
+                    rows["long"].append(ttft(lambda: direct.chat_stream(LONG, max_tokens=8, temperature=0)))
+            for _ in range(args.reps):
+                started = time.perf_counter()
+                with RoutedClient(bootstrap, network_id=NET, probe_count=2) as cold:
+                    cold.pick(set())
+                    rows["join"].append(time.perf_counter() - started)
+                    for _ in cold.chat_stream(QUESTION, max_tokens=8, temperature=0):
+                        rows["cold"].append(time.perf_counter() - started)
+                        break
+            for case, messages, after in (("before", LONG, 0), ("after", QUESTION, 20)):
+                for _ in range(args.reps):
+                    with RoutedClient(bootstrap, network_id=NET, probe_count=2, lookup_ttl_s=60) as client:
+                        client.peers()
+                        rows[case].append(recovery(client, workers, messages, after))
+                    # Replace the killed worker so the next repetition again has two.
+                    for url, worker in list(workers.items()):
+                        if worker.proc.poll() is not None:
+                            del workers[url]
+                            spawn(watcher)
+            del first, second
+    finally:
+        for worker in workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.terminate()
+                worker.proc.wait()
+        boot.close()
+
+    labels = {
+        "discovery": "worker process start → listed by a client (model load included)",
+        "direct": "TTFT, direct --url request (8 tokens)",
+        "warm": "TTFT, routed, warm client (2 probes + request)",
+        "cold": "TTFT, routed, cold client (DHT join + lookup + probes + nonce + request)",
+        "pick": "choosing a peer alone, warm client (2 health probes in parallel)",
+        "join": "choosing a peer alone, cold client (DHT join + lookup + probes + nonce check)",
+        "long": "TTFT, direct, the 420-token prompt used below (reference: its prefill)",
+        "before": "recovery, worker killed before first token (kill → first token elsewhere)",
+        "after": "recovery, worker killed after 20 tokens (kill → next token elsewhere)",
+    }
+    print(f"| measurement (n={args.reps}; discovery n={len(rows['discovery'])}) | median ms | min ms | max ms |")
+    print("|---|---|---|---|")
+    for key, label in labels.items():
+        print(f"| {label} | {summary(rows[key])} |")
+    _ = requests  # the SDK's transport; imported so a missing install fails before any worker starts
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
