@@ -154,12 +154,27 @@ def run_level(system: str, url: str, concurrency: int, requests_per_client: int,
     return row
 
 
-def in_process(model: Path, threads: int, n_ctx: int, max_tokens: int, repeats: int) -> Row:
-    """llama.cpp through llama-cpp-python's high-level API in this process: the single-stream limit."""
+def in_process(model: Path, threads: int, n_ctx: int, max_tokens: int, repeats: int, repacked: bool) -> Row:
+    """llama.cpp through llama-cpp-python's high-level API in this process: the single-stream limit.
+
+    ``repacked=False`` loads the weights as the batch-invariant worker does (no extra buffer types).
+    """
+    import llama_cpp
     from llama_cpp import Llama
 
-    llm = Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
-    row = Row("llama.cpp in-process", 1)
+    defaults = llama_cpp.llama_model_default_params
+
+    def model_params() -> llama_cpp.llama_model_params:
+        params = defaults()
+        params.use_extra_bufts = repacked
+        return params
+
+    llama_cpp.llama_model_default_params = model_params
+    try:
+        llm = Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    finally:
+        llama_cpp.llama_model_default_params = defaults
+    row = Row("llama.cpp in-process" + ("" if repacked else ", no repack"), 1)
     llm.create_completion(PROMPTS[0], max_tokens=4, temperature=0)  # warm-up, as for the servers
     started_all = time.perf_counter()
     for number in range(repeats):
@@ -184,7 +199,7 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 
         if process.poll() is not None:
             raise RuntimeError(f"server at {url} exited with {process.returncode}")
         try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
+            if requests.get(url + "/v1/models", timeout=2).status_code == 200:  # every server has it
                 return
         except requests.RequestException:
             pass
@@ -195,21 +210,25 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 
 def serve(command: list[str], env: dict[str, str], port: int) -> tuple[str, subprocess.Popen[bytes]]:
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, process)
+    try:
+        wait_healthy(url, process)
+    except RuntimeError:
+        process.kill()
+        raise
     stream_request(url, PROMPTS[0], 4)  # warm-up
     return url, process
 
 
 def servers(model: Path, threads: int, n_ctx: int, slots: int) -> dict[str, Callable[[int], list[str]]]:
     """Each entry: a function of the port giving the command line; missing peers are left out."""
+    worker = [str(REPO / ".venv/bin/python"), "-m", "uvicorn", "worker:app", "--host", "127.0.0.1"]
     entries: dict[str, Callable[[int], list[str]]] = {
-        "peerinfer worker": lambda port: [
-            str(REPO / ".venv/bin/python"),
-            "-m",
-            "uvicorn",
-            "worker:app",
-            "--host",
-            "127.0.0.1",
+        "peerinfer worker": lambda port: [*worker, "--port", str(port), "--log-level", "warning"],
+        # The same worker with llama.cpp's repacked weights: faster, but batched text may differ.
+        "peerinfer worker, batch_invariant=false": lambda port: [
+            "env",
+            "PEERINFER_BATCH_INVARIANT=false",
+            *worker,
             "--port",
             str(port),
             "--log-level",
@@ -329,7 +348,8 @@ def main() -> int:
 
     if not wanted or "in-process" in wanted:
         print("running llama.cpp in-process ...", file=sys.stderr)
-        rows.append(in_process(model, args.threads, args.n_ctx, args.max_tokens, total))
+        rows.append(in_process(model, args.threads, args.n_ctx, args.max_tokens, total, repacked=True))
+        rows.append(in_process(model, args.threads, args.n_ctx, args.max_tokens, total, repacked=False))
     base_env = {key: value for key, value in os.environ.items() if not key.startswith("PEERINFER_")}
     env = {
         **base_env,

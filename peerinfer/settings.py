@@ -62,6 +62,12 @@ class WorkerSettings(NetworkSettings):
         default=True,
         description="Same text for a request whether it runs alone or batched (turns off repacked weights).",
     )
+    top_k: int = Field(
+        default=40,
+        ge=0,
+        le=1000,
+        description="Sample from the k most likely tokens when temperature > 0 (0 = all); a request's top_k wins.",
+    )
     max_queue: int = Field(default=16, ge=0, le=10000, description="Requests that may wait for a slot.")
     max_tokens_cap: int = Field(default=4096, ge=1, le=131072, description="Largest max_tokens accepted.")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body.")

@@ -142,3 +142,15 @@ def test_four_streams_together_give_the_same_text_as_each_alone(real_worker: str
         together = list(pool.map(lambda prompt: _complete(real_worker, prompt), BATCH_PROMPTS))
     assert all(text.strip() for text in alone)
     assert together == alone
+
+
+def test_sampling_with_a_seed_is_reproducible(real_worker: str) -> None:
+    body = {"prompt": "Once upon a time in Chennai,", "max_tokens": 24, "temperature": 0.9, "top_p": 0.95}
+    first = _complete_body(real_worker, {**body, "seed": 11})
+    assert first == _complete_body(real_worker, {**body, "seed": 11})
+    others = {_complete_body(real_worker, {**body, "seed": seed}) for seed in (1, 2, 3)}
+    assert len(others | {first}) > 1, "different seeds should not all give the same text"
+
+
+def _complete_body(url: str, body: dict[str, object]) -> str:
+    return str(requests.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"])

@@ -31,6 +31,7 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}]}
         (b'{"messages": [{"role": "user", "content": "x"}], "temperature": -1}', "temperature", "greater than"),
         (b'{"messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p", "greater than"),
         (b'{"messages": [{"role": "user", "content": "x"}], "n": 3}', "n", "less than or equal"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "top_k": -1}', "top_k", "greater than or equal"),
         (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}', "stop", "at most 4"),
         (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream", "valid boolean"),
     ],

