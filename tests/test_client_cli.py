@@ -43,7 +43,7 @@ def test_client_json_stats_are_machine_readable(real_worker: str) -> None:
 
 @pytest.mark.real
 def test_client_default_prompt_and_system_message(real_worker: str) -> None:
-    done = run_client("--url", real_worker, "--system", "Answer briefly.", "--max-tokens", "12")
+    done = run_client("--url", real_worker, "--system", "Answer briefly.", "--max-tokens", "12", "--temperature", "0")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
 

@@ -22,7 +22,7 @@ def build_parser(settings: ClientSettings) -> argparse.ArgumentParser:
     parser.add_argument("prompt", nargs="?", default=None, help=f"what to ask (default: {DEFAULT_PROMPT!r})")
     parser.add_argument("--url", default=settings.url, help="worker base URL (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
+    parser.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (default: 0.2)")
     parser.add_argument("--system", default=None, help="a system message to put first")
     parser.add_argument(
         "--api-key",
