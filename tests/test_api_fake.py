@@ -194,3 +194,15 @@ def test_metrics_count_requests_tokens_and_latency(client: TestClient) -> None:
     assert "peerinfer_time_to_first_token_seconds_count 1.0" in text
     assert "peerinfer_time_per_output_token_seconds_count 1.0" in text
     assert "peerinfer_slots_total 2.0" in text and "peerinfer_queue_depth 0.0" in text
+
+
+def test_a_non_streaming_client_that_gives_up_frees_its_slot() -> None:
+    engine = FakeEngine(lambda prompt: "z" * 2000, token_delay_s=0.01, slots=1, max_queue=0)
+    with live_worker(engine, worker_settings()) as url:
+        with pytest.raises(requests.Timeout):
+            requests.post(url + CHAT, json={**HELLO, "max_tokens": 2000}, timeout=(5, 0.5))
+        deadline = time.monotonic() + 5  # the whole answer would take 20 s
+        while requests.get(url + "/health", timeout=5).json()["slots_busy"]:
+            assert time.monotonic() < deadline, "the abandoned request kept its slot"
+            time.sleep(0.05)
+        assert requests.post(url + CHAT, json={**HELLO, "max_tokens": 3}, timeout=10).status_code == 200

@@ -161,65 +161,57 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _envelope(
+    object_name: str,
+    request_id: str,
+    created: int,
+    model: str,
+    choice: dict[str, Any] | None,
+    counts: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """The fields every completion object and chunk shares, around at most one choice."""
+    body: dict[str, Any] = {
+        "id": request_id,
+        "object": object_name,
+        "created": created,
+        "model": model,
+        "choices": [] if choice is None else [{"index": 0, **choice, "logprobs": None}],
+    }
+    if counts is not None:
+        body["usage"] = counts
+    return body
+
+
 def chat_chunk(
     request_id: str, created: int, model: str, delta: dict[str, str], finish_reason: str | None = None
 ) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
+    choice = {"delta": delta, "finish_reason": finish_reason}
+    return _envelope("chat.completion.chunk", request_id, created, model, choice)
 
 
 def completion_chunk(
     request_id: str, created: int, model: str, text: str, finish_reason: str | None = None
 ) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-    }
+    choice = {"text": text, "finish_reason": finish_reason}
+    return _envelope("text_completion", request_id, created, model, choice)
 
 
 def usage_chunk(object_name: str, request_id: str, created: int, model: str, counts: dict[str, int]) -> dict[str, Any]:
-    return {"id": request_id, "object": object_name, "created": created, "model": model, "choices": [], "usage": counts}
+    return _envelope(object_name, request_id, created, model, None, counts)
 
 
 def chat_completion(
     request_id: str, created: int, model: str, text: str, finish_reason: str, counts: dict[str, int]
 ) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": counts,
-    }
+    choice = {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    return _envelope("chat.completion", request_id, created, model, choice, counts)
 
 
 def completion(
     request_id: str, created: int, model: str, text: str, finish_reason: str, counts: dict[str, int]
 ) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": counts,
-    }
+    choice = {"text": text, "finish_reason": finish_reason}
+    return _envelope("text_completion", request_id, created, model, choice, counts)
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -248,7 +248,7 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
         if stream:
             body = stream_sse(service, prepared, generation, model)
             return StreamingResponse(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-        return JSONResponse(await collect_json(service, prepared, generation, model, request.is_disconnected))
+        return JSONResponse(await collect_json(service, prepared, generation, model, request.receive))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
+from starlette.types import Receive
 
 from peerinfer.api import openai as wire
 from peerinfer.api import sse
@@ -189,20 +190,21 @@ async def collect_json(
     prepared: PreparedRequest,
     generation: Generation,
     model: str,
-    is_disconnected: Callable[[], Awaitable[bool]],
+    receive: Receive,
 ) -> dict[str, Any]:
-    """Whole answer as one JSON object; stops generating if the client goes away meanwhile."""
+    """Whole answer as one JSON object; stops generating as soon as the client goes away."""
     strip = _LeadingSpace(prepared.strip_leading_space)
     parts: list[str] = []
+    watcher = asyncio.create_task(_cancel_on_disconnect(receive, generation))
     try:
-        async for event in service.events(generation, 0.5):
+        async for event in service.events(generation, service.settings.keepalive_s):
             if event is None:
-                if await is_disconnected():
-                    generation.cancel()
                 continue
             if isinstance(event, TextDelta):
                 parts.append(strip(event.text))
                 continue
+            if event.reason == "cancelled":
+                return {}  # the client is gone; nobody reads this
             if event.reason not in ("stop", "length"):
                 raise _finish_error(event)
             counts = wire.usage(event.prompt_tokens, event.completion_tokens)
@@ -211,5 +213,13 @@ async def collect_json(
                 return wire.chat_completion(wire.new_id("chatcmpl"), wire.now(), model, text, event.reason, counts)
             return wire.completion(wire.new_id("cmpl"), wire.now(), model, text, event.reason, counts)
     finally:
+        watcher.cancel()
         generation.cancel()
     raise EngineError("generation ended without a result")
+
+
+async def _cancel_on_disconnect(receive: Receive, generation: Generation) -> None:
+    """The body is read already, so the next ASGI message is the client's disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    generation.cancel()
