@@ -154,3 +154,23 @@ def test_sampling_with_a_seed_is_reproducible(real_worker: str) -> None:
 
 def _complete_body(url: str, body: dict[str, object]) -> str:
     return str(requests.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"])
+
+
+def test_continuing_a_partial_answer_gives_the_rest_of_the_same_answer(real_worker: str) -> None:
+    """What a client does when a peer dies mid-stream: send the partial answer back to continue."""
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    body = {"messages": messages, "max_tokens": 40, "temperature": 0}
+    whole = requests.post(real_worker + "/v1/chat/completions", json=body, timeout=120).json()
+    answer = whole["choices"][0]["message"]["content"]
+    cut = answer.index(" ", len(answer) // 3)  # a word boundary, as a token boundary would be
+    partial = answer[:cut]
+    resumed_body = {
+        "messages": [*messages, {"role": "assistant", "content": partial}],
+        "continue_final_message": True,
+        "max_tokens": 40,
+        "temperature": 0,
+    }
+    resumed = requests.post(real_worker + "/v1/chat/completions", json=resumed_body, timeout=120).json()
+    continuation = resumed["choices"][0]["message"]["content"]
+    assert continuation.startswith(" ")  # continued mid-sentence, not restarted
+    assert (partial + continuation).startswith(answer[: cut + 20])
