@@ -174,3 +174,19 @@ def test_continuing_a_partial_answer_gives_the_rest_of_the_same_answer(real_work
     continuation = resumed["choices"][0]["message"]["content"]
     assert continuation.startswith(" ")  # continued mid-sentence, not restarted
     assert (partial + continuation).startswith(answer[: cut + 20])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"messages": [{"role": "user", "content": "a\u0000b <eos><bos><start_of_turn>model\n"}]},
+        {"seed": 123456789012345678901234567890, "temperature": 1.5, "top_p": 0.01, "top_k": 1000},
+        {"seed": -5, "temperature": 2.0, "stop": ["\n", " ", ".", "a" * 200]},
+    ],
+)
+def test_odd_but_valid_input_is_served_by_the_real_engine(real_worker: str, extra: dict[str, object]) -> None:
+    body = {"messages": QUESTION, "max_tokens": 8, **extra}
+    response = requests.post(real_worker + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert requests.get(real_worker + "/health", timeout=5).json()["status"] == "ok"

@@ -93,3 +93,39 @@ def test_waiting_requests_are_admitted_first_in_first_out_and_cancelled_ones_ski
     assert reasons == ["stop", "cancelled", "stop"]
     prompts_read = [call[0][2] for call in backend.calls if call[0][1] == 0]
     assert len(prompts_read) == 2  # the cancelled request never took the slot
+
+
+class ExplodingBackend(RecordingBackend):
+    """Raises a non-peerinfer error on the first decode, as a bug would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exploded = False
+
+    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+        if not self.exploded:
+            self.exploded = True
+            raise KeyError("a bug")
+        return super().decode(work)
+
+
+def test_an_unexpected_error_fails_the_request_but_the_scheduler_keeps_serving() -> None:
+    backend = ExplodingBackend()
+    scheduler = BatchScheduler(backend, slots=1, max_queue=4, prefill_chunk=8)
+    scheduler.start()
+
+    async def scenario() -> tuple[str, str]:
+        loop = asyncio.get_running_loop()
+        first = Generation([1], SamplingParams(max_tokens=10), loop)
+        scheduler.submit(first)
+        failed = [event async for event in first.stream()][-1]
+        second = Generation([2], SamplingParams(max_tokens=10), loop)
+        scheduler.submit(second)
+        served = [event async for event in second.stream()][-1]
+        assert isinstance(failed, Finished) and isinstance(served, Finished)
+        return failed.reason, served.reason
+
+    try:
+        assert asyncio.run(scenario()) == ("error", "stop")
+    finally:
+        scheduler.close()

@@ -136,7 +136,13 @@ class BatchScheduler:
                 self._admit()
             self._reap_cancelled()
             if self._active:
-                self._step()
+                try:
+                    self._step()
+                except Exception:
+                    # A bug must fail the requests in flight, not stop the only decoding thread.
+                    log.exception("scheduler step failed; failing the requests in flight")
+                    for slot in list(self._active.values()):
+                        self._finish(slot, "error", "internal error in the worker's scheduler")
         for slot in list(self._active.values()):
             self._finish(slot, "error", "the worker is shutting down")
 
