@@ -22,9 +22,9 @@ from peerinfer.errors import ContextLengthError, EngineError, PeerInferError, Re
 from peerinfer.server.metrics import WorkerMetrics
 from peerinfer.settings import WorkerSettings
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 # Tokenising a few KB takes well under a millisecond: cheaper on the loop than a hop to a thread.
-INLINE_TOKENIZE_CHARS = 8192  # OpenAI's documented default for /v1/completions
+INLINE_TOKENIZE_CHARS = 8192
 
 
 @dataclass(frozen=True)
@@ -52,21 +52,31 @@ class CompletionService:
         self.settings = settings
         self.metrics = metrics
 
-    async def _tokenize(self, text: str, add_bos: bool) -> list[int]:
+    async def _tokenize(self, text: str, add_bos: bool, param: str) -> list[int]:
         if len(text) <= INLINE_TOKENIZE_CHARS:
             tokens = self.engine.tokenize(text, add_bos=add_bos)
         else:
             tokens = await anyio.to_thread.run_sync(lambda: self.engine.tokenize(text, add_bos=add_bos))
         n_ctx = self.engine.info.n_ctx
         if not tokens:
-            raise RequestError("the prompt is empty; send some text", param="prompt")
+            raise RequestError("the prompt is empty; send some text", param=param)
         if len(tokens) >= n_ctx:
             raise ContextLengthError(
                 f"the prompt has {len(tokens)} tokens but the context holds {n_ctx} (and at least one token "
                 "must be generated); shorten it or raise PEERINFER_N_CTX on the worker",
-                param="messages",
+                param=param,
             )
         return tokens
+
+    def _sampling(self, request: wire.SamplingFields, max_tokens: int, stops: tuple[str, ...]) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=self.settings.top_k if request.top_k is None else request.top_k,
+            seed=request.seed,
+            stops=stops,
+        )
 
     async def prepare_chat(self, request: wire.ChatCompletionRequest) -> PreparedRequest:
         info = self.engine.info
@@ -78,27 +88,15 @@ class CompletionService:
             eos_token=info.eos_token,
             continue_final=request.continue_final_message,
         )
-        tokens = await self._tokenize(prompt.text, prompt.add_bos)
-        params = SamplingParams(
-            max_tokens=_max_tokens(request.token_limit, self.settings.max_tokens_cap, self.settings.max_tokens_cap),
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=self.settings.top_k if request.top_k is None else request.top_k,
-            seed=request.seed,
-            stops=request.stops + prompt.stops,
-        )
+        tokens = await self._tokenize(prompt.text, prompt.add_bos, "messages")
+        cap = self.settings.max_tokens_cap
+        params = self._sampling(request, _max_tokens(request.token_limit, cap, cap), request.stops + prompt.stops)
         return PreparedRequest("chat", tokens, params, request.include_usage, not request.continue_final_message)
 
     async def prepare_completion(self, request: wire.CompletionRequest) -> PreparedRequest:
-        tokens = await self._tokenize(request.prompt_text, True)
-        params = SamplingParams(
-            max_tokens=_max_tokens(request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, self.settings.max_tokens_cap),
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=self.settings.top_k if request.top_k is None else request.top_k,
-            seed=request.seed,
-            stops=request.stops,
-        )
+        tokens = await self._tokenize(request.prompt_text, True, "prompt")
+        limit = _max_tokens(request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, self.settings.max_tokens_cap)
+        params = self._sampling(request, limit, request.stops)
         return PreparedRequest("completion", tokens, params, request.include_usage, False)
 
     def start(self, prepared: PreparedRequest) -> Generation:
