@@ -329,23 +329,9 @@ def write_results(section: str, body: str) -> None:
     results.write_text(text)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--levels", default="1,2,4,8", help="concurrency levels (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--requests", type=int, default=12, help="requests per level, at least 2 per client")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--n-ctx", type=int, default=2048, help="context per stream")
-    parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--only", default="", help="comma-separated systems to run (default: all found)")
-    parser.add_argument("--quick", action="store_true", help="few requests; print, don't write RESULTS.md")
-    args = parser.parse_args()
-    levels = [int(level) for level in args.levels.split(",")]
-    total = 4 if args.quick else args.requests
-    model = open_model_file(None, Path.home() / ".cache" / "peerinfer").path
+def run_round(args: argparse.Namespace, model: Path, levels: list[int], total: int, wanted: set[str]) -> list[Row]:
+    """Every selected system once, each alone on the machine, one after the other."""
     rows: list[Row] = []
-    wanted = {name.strip() for name in args.only.split(",") if name.strip()}
-
     if not wanted or "in-process" in wanted:
         print("running llama.cpp in-process ...", file=sys.stderr)
         rows.append(in_process(model, args.threads, args.n_ctx, args.max_tokens, total, repacked=True))
@@ -374,11 +360,54 @@ def main() -> int:
         finally:
             process.terminate()
             process.wait(timeout=30)
+    return rows
+
+
+def merge(rows: list[Row]) -> list[Row]:
+    """Pool the rounds: one row per system and level, samples and wall time added up."""
+    merged: dict[tuple[str, int], Row] = {}
+    for row in rows:
+        into = merged.setdefault((row.system, row.concurrency), Row(row.system, row.concurrency))
+        into.samples.extend(row.samples)
+        into.wall_s += row.wall_s
+    return list(merged.values())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--levels", default="1,2,4,8", help="concurrency levels (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--requests", type=int, default=12, help="requests per level, at least 2 per client")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--n-ctx", type=int, default=2048, help="context per stream")
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--only", default="", help="comma-separated systems to run (default: all found)")
+    parser.add_argument("--quick", action="store_true", help="few requests; print, don't write RESULTS.md")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat everything with fresh processes, interleaved; rows pool all rounds (default: 1)",
+    )
+    parser.add_argument("--section", default="serving", help="RESULTS.md section to write (default: serving)")
+    args = parser.parse_args()
+    levels = [int(level) for level in args.levels.split(",")]
+    total = 4 if args.quick else args.requests
+    model = open_model_file(None, Path.home() / ".cache" / "peerinfer").path
+    rows: list[Row] = []
+    wanted = {name.strip() for name in args.only.split(",") if name.strip()}
+
+    for round_number in range(args.rounds):
+        print(f"round {round_number + 1} of {args.rounds}", file=sys.stderr)
+        rows.extend(run_round(args, model, levels, total, wanted))
+    rows = merge(rows)
     report = table(rows)
     print(report)
     if not args.quick:
         command = "bash bench/setup_peers.sh && .venv/bin/python bench/bench_serving.py " + " ".join(sys.argv[1:])
-        chart(rows, REPO / "bench" / "serving.png")
+        picture = f"\n\n![serving chart]({args.section}.png)" if len(levels) > 1 else ""
+        if picture:
+            chart(rows, REPO / "bench" / f"{args.section}.png")
         cpu = next(
             (
                 line.split(":", 1)[1].strip()
@@ -388,12 +417,14 @@ def main() -> int:
             "unknown CPU",
         )
         body = (
-            f"## Serving (issues 2 and 3)\n\nCommand: `{command.strip()}`\n\n"
+            f"## Serving (issues 2 and 3){'' if args.section == 'serving' else ': ' + args.section}\n\n"
+            f"Command: `{command.strip()}`\n\n"
             f"Machine: {os.cpu_count()} cores ({cpu}), model {model.name}, {args.threads} threads, "
             f"context {args.n_ctx} per stream, {args.max_tokens} max tokens, temperature 0, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n{report}\n\n![serving chart](serving.png)\n"
+            f"{args.rounds} round(s) pooled, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
+            f"{report}{picture}\n"
         )
-        write_results("serving", body)
+        write_results(args.section, body)
     return 0
 
 

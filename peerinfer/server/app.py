@@ -243,10 +243,12 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
 
     async def run(request: Request, prepared: PreparedRequest, stream: bool) -> Response:
         service = state.service
+        started = time.perf_counter()
         generation = service.start(prepared)
         model = state.engine.info.model_id
         if stream:
-            body = stream_sse(service, prepared, generation, model)
+            first = await service.first_event(generation, request.receive)
+            body = stream_sse(service, prepared, generation, model, started, first)
             return StreamingResponse(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
         return JSONResponse(await collect_json(service, prepared, generation, model, request.receive))
 

@@ -104,18 +104,40 @@ class CompletionService:
         self.engine.submit(generation)
         return generation
 
-    async def events(self, generation: Generation, idle_s: float) -> AsyncIterator[Event | None]:
-        """The generation's events; ``None`` whenever ``idle_s`` passes without one. Feeds the metrics."""
-        started = time.perf_counter()
+    async def first_event(self, generation: Generation, receive: Receive) -> Event | None:
+        """Wait up to ``keepalive_s`` for the first event, stopping the generation if the client leaves.
+
+        Response headers go out together with the first token: nothing else (our event loop, the
+        client reacting to headers) competes with llama.cpp for the CPU while the prompt is read.
+        """
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, generation))
+        try:
+            async with asyncio.timeout(self.settings.keepalive_s):
+                return await generation.events.get()
+        except TimeoutError:
+            return None
+        finally:
+            watcher.cancel()
+
+    async def events(
+        self, generation: Generation, idle_s: float, started: float, pending: Event | None = None
+    ) -> AsyncIterator[Event | None]:
+        """The generation's events (``pending`` first); ``None`` whenever ``idle_s`` passes without one.
+
+        Feeds the metrics, timing from ``started`` (a ``time.perf_counter()`` value).
+        """
         first: float | None = None
         while True:
-            try:
-                # asyncio.timeout, unlike wait_for, creates no task per token.
-                async with asyncio.timeout(idle_s):
-                    event = await generation.events.get()
-            except TimeoutError:
-                yield None
-                continue
+            if pending is not None:
+                event, pending = pending, None
+            else:
+                try:
+                    # asyncio.timeout, unlike wait_for, creates no task per token.
+                    async with asyncio.timeout(idle_s):
+                        event = await generation.events.get()
+                except TimeoutError:
+                    yield None
+                    continue
             if first is None and isinstance(event, TextDelta):
                 first = time.perf_counter() - started
             if isinstance(event, Finished):
@@ -145,7 +167,12 @@ class _LeadingSpace:
 
 
 async def stream_sse(
-    service: CompletionService, prepared: PreparedRequest, generation: Generation, model: str
+    service: CompletionService,
+    prepared: PreparedRequest,
+    generation: Generation,
+    model: str,
+    started: float,
+    pending: Event | None,
 ) -> AsyncIterator[bytes]:
     """SSE body: a role chunk, one chunk per text delta, a finish chunk, optional usage, [DONE]."""
     chat = prepared.kind == "chat"
@@ -162,7 +189,7 @@ async def stream_sse(
     try:
         if chat:
             yield sse.event(wire.chat_chunk(request_id, created, model, {"role": "assistant", "content": ""}))
-        async for event in service.events(generation, service.settings.keepalive_s):
+        async for event in service.events(generation, service.settings.keepalive_s, started, pending):
             if event is None:
                 yield sse.KEEPALIVE
             elif isinstance(event, TextDelta):
@@ -195,7 +222,7 @@ async def collect_json(
     parts: list[str] = []
     watcher = asyncio.create_task(_cancel_on_disconnect(receive, generation))
     try:
-        async for event in service.events(generation, service.settings.keepalive_s):
+        async for event in service.events(generation, service.settings.keepalive_s, time.perf_counter()):
             if event is None:
                 continue
             if isinstance(event, TextDelta):
