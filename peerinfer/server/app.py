@@ -250,7 +250,7 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
             first = await service.first_event(generation, request.receive)
             body = stream_sse(service, prepared, generation, model, started, first)
             return StreamingResponse(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-        return JSONResponse(await collect_json(service, prepared, generation, model, request.receive))
+        return JSONResponse(await collect_json(service, prepared, generation, model, started, request.receive))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

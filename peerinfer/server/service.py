@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -110,19 +111,16 @@ class CompletionService:
         Response headers go out together with the first token: nothing else (our event loop, the
         client reacting to headers) competes with llama.cpp for the CPU while the prompt is read.
         """
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, generation))
         try:
-            async with asyncio.timeout(self.settings.keepalive_s):
+            async with _cancelling_on_disconnect(receive, generation), asyncio.timeout(self.settings.keepalive_s):
                 return await generation.events.get()
         except TimeoutError:
             return None
-        finally:
-            watcher.cancel()
 
     async def events(
-        self, generation: Generation, idle_s: float, started: float, pending: Event | None = None
+        self, generation: Generation, started: float, pending: Event | None = None
     ) -> AsyncIterator[Event | None]:
-        """The generation's events (``pending`` first); ``None`` whenever ``idle_s`` passes without one.
+        """The generation's events (``pending`` first); ``None`` whenever ``keepalive_s`` passes without one.
 
         Feeds the metrics, timing from ``started`` (a ``time.perf_counter()`` value).
         """
@@ -133,7 +131,7 @@ class CompletionService:
             else:
                 try:
                     # asyncio.timeout, unlike wait_for, creates no task per token.
-                    async with asyncio.timeout(idle_s):
+                    async with asyncio.timeout(self.settings.keepalive_s):
                         event = await generation.events.get()
                 except TimeoutError:
                     yield None
@@ -189,7 +187,7 @@ async def stream_sse(
     try:
         if chat:
             yield sse.event(wire.chat_chunk(request_id, created, model, {"role": "assistant", "content": ""}))
-        async for event in service.events(generation, service.settings.keepalive_s, started, pending):
+        async for event in service.events(generation, started, pending):
             if event is None:
                 yield sse.KEEPALIVE
             elif isinstance(event, TextDelta):
@@ -215,36 +213,48 @@ async def collect_json(
     prepared: PreparedRequest,
     generation: Generation,
     model: str,
+    started: float,
     receive: Receive,
 ) -> dict[str, Any]:
     """Whole answer as one JSON object; stops generating as soon as the client goes away."""
     strip = _LeadingSpace(prepared.strip_leading_space)
     parts: list[str] = []
-    watcher = asyncio.create_task(_cancel_on_disconnect(receive, generation))
     try:
-        async for event in service.events(generation, service.settings.keepalive_s, time.perf_counter()):
-            if event is None:
-                continue
-            if isinstance(event, TextDelta):
-                parts.append(strip(event.text))
-                continue
-            if event.reason == "cancelled":
-                return {}  # the client is gone; nobody reads this
-            if event.reason not in ("stop", "length"):
-                raise _finish_error(event)
-            counts = wire.usage(event.prompt_tokens, event.completion_tokens)
-            text = "".join(parts)
-            if prepared.kind == "chat":
-                return wire.chat_completion(wire.new_id("chatcmpl"), wire.now(), model, text, event.reason, counts)
-            return wire.completion(wire.new_id("cmpl"), wire.now(), model, text, event.reason, counts)
+        async with _cancelling_on_disconnect(receive, generation):
+            async for event in service.events(generation, started):
+                if event is None:
+                    continue
+                if isinstance(event, TextDelta):
+                    parts.append(strip(event.text))
+                    continue
+                if event.reason == "cancelled":
+                    return {}  # the client is gone; nobody reads this
+                if event.reason not in ("stop", "length"):
+                    raise _finish_error(event)
+                counts = wire.usage(event.prompt_tokens, event.completion_tokens)
+                text = "".join(parts)
+                if prepared.kind == "chat":
+                    return wire.chat_completion(wire.new_id("chatcmpl"), wire.now(), model, text, event.reason, counts)
+                return wire.completion(wire.new_id("cmpl"), wire.now(), model, text, event.reason, counts)
     finally:
-        watcher.cancel()
         generation.cancel()
     raise EngineError("generation ended without a result")
 
 
-async def _cancel_on_disconnect(receive: Receive, generation: Generation) -> None:
-    """The body is read already, so the next ASGI message is the client's disconnect."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    generation.cancel()
+@asynccontextmanager
+async def _cancelling_on_disconnect(receive: Receive, generation: Generation) -> AsyncIterator[None]:
+    """While inside, a client that goes away cancels the generation.
+
+    The body is read already, so the next ASGI message is the client's disconnect.
+    """
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        generation.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
