@@ -60,7 +60,10 @@ class WorkerSettings(NetworkSettings):
     )
     batch_invariant: bool = Field(
         default=True,
-        description="Same text for a request whether it runs alone or batched (turns off repacked weights).",
+        description=(
+            "Same text for a request whether it runs alone or batched: turns off repacked weights and keeps "
+            "the KV cache in bf16 (long prompts read ~15% slower)."
+        ),
     )
     top_k: int = Field(
         default=40,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -135,13 +136,25 @@ def _complete(url: str, prompt: str) -> str:
 
 
 def test_four_streams_together_give_the_same_text_as_each_alone(real_worker: str) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     alone = [_complete(real_worker, prompt) for prompt in BATCH_PROMPTS]
     with ThreadPoolExecutor(len(BATCH_PROMPTS)) as pool:
         together = list(pool.map(lambda prompt: _complete(real_worker, prompt), BATCH_PROMPTS))
     assert all(text.strip() for text in alone)
     assert together == alone
+
+
+# About 790 tokens: past 512 cached tokens, where llama.cpp's flash attention takes a split-KV kernel for
+# a sequence decoded on its own (and not in a batch), which moved its logits by up to 0.75 here.
+LONG_PROMPT = "def f(x):\n    return x * 2\n" * 60 + "# now write a function that"
+
+
+def test_a_long_context_gives_the_same_text_together_as_alone(real_worker: str) -> None:
+    prompts = [LONG_PROMPT, *BATCH_PROMPTS[:3]]
+    alone = _complete(real_worker, LONG_PROMPT)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda prompt: _complete(real_worker, prompt), prompts))
+    assert alone.strip()
+    assert together[0] == alone
 
 
 def test_sampling_with_a_seed_is_reproducible(real_worker: str) -> None:

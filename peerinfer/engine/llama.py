@@ -23,6 +23,7 @@ from peerinfer.errors import EngineError
 from peerinfer.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+_GGML_TYPE_BF16 = 30  # ggml.h's enum ggml_type; llama-cpp-python does not export this one
 _llama_log = logging.getLogger("peerinfer.llama_cpp")
 
 
@@ -62,6 +63,13 @@ class LlamaBackend:
         ctx_params.n_threads = settings.n_threads
         ctx_params.n_threads_batch = settings.n_threads
         ctx_params.kv_unified = False
+        if settings.batch_invariant:
+            # With an f16 (or f32) KV cache, llama.cpp's CPU flash attention decodes a sequence that is
+            # alone in its step with a split-KV kernel once 512+ cells are cached (two threads' partial
+            # softmaxes, then merged), and batched sequences with the one-pass kernel: logits differed
+            # by up to 0.75. A bf16 cache takes the one-pass kernel always; decode speed measured the
+            # same, but long prompts read ~15% slower (no tiled kernel for them either).
+            ctx_params.type_k = ctx_params.type_v = _GGML_TYPE_BF16
         ctx_params.no_perf = True
         ctx = lc.llama_init_from_model(model, ctx_params)
         if not ctx:
