@@ -24,7 +24,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from peerinfer.engine.base import EngineStats, Finished, FinishReason, Generation, SamplingParams, TextDelta
+from peerinfer.engine.base import (
+    EngineStats,
+    Event,
+    Finished,
+    FinishReason,
+    Generation,
+    SamplingParams,
+    TextDelta,
+    deliver,
+)
 from peerinfer.engine.text import TextAssembler
 from peerinfer.errors import OverloadedError, PeerInferError
 
@@ -84,6 +93,8 @@ class BatchScheduler:
     prefill_chunk: int
     _waiting: deque[Generation] = field(default_factory=deque)
     _active: dict[int, _Slot] = field(default_factory=dict)
+    # Events of this iteration, handed over together when it ends (see ``deliver``).
+    _outbox: list[tuple[Generation, Event]] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _running: bool = False
     _thread: threading.Thread | None = None
@@ -143,21 +154,31 @@ class BatchScheduler:
                     log.exception("scheduler step failed; failing the requests in flight")
                     for slot in list(self._active.values()):
                         self._finish(slot, "error", "internal error in the worker's scheduler")
+            self._flush()
         for slot in list(self._active.values()):
             self._finish(slot, "error", "the worker is shutting down")
+        self._flush()
+
+    def _emit(self, generation: Generation, event: Event) -> None:
+        self._outbox.append((generation, event))
+
+    def _flush(self) -> None:
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            deliver(batch)
 
     def _admit(self) -> None:
         free = [index for index in range(self.slots) if index not in self._active]
         while free and self._waiting:
             generation = self._waiting.popleft()
             if generation.cancelled.is_set():
-                generation.push(Finished("cancelled", len(generation.prompt_tokens), 0))
+                self._emit(generation, Finished("cancelled", len(generation.prompt_tokens), 0))
                 continue
             index = free.pop(0)
             try:
                 self.backend.begin(index, generation.params)
             except PeerInferError as exc:
-                generation.push(Finished("error", len(generation.prompt_tokens), 0, exc.message))
+                self._emit(generation, Finished("error", len(generation.prompt_tokens), 0, exc.message))
                 continue
             self._active[index] = _Slot(
                 index=index,
@@ -209,6 +230,7 @@ class BatchScheduler:
                     slot.prefilled += len(item.tokens)
                 if item.slot in sampled:
                     self._accept(slot, sampled[item.slot])
+            self._flush()  # this call's tokens go out now, not after the step's other call
 
     def _accept(self, slot: _Slot, token: int) -> None:
         params = slot.generation.params
@@ -218,7 +240,7 @@ class BatchScheduler:
         slot.generated += 1
         delta, stopped = slot.assembler.feed(self.backend.piece(token))
         if delta:
-            slot.generation.push(TextDelta(delta))
+            self._emit(slot.generation, TextDelta(delta))
         if stopped:
             self._finish(slot, "stop")
         elif slot.generated >= params.max_tokens or slot.position >= self.backend.n_ctx_per_slot:
@@ -229,8 +251,8 @@ class BatchScheduler:
     def _finish(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
         tail = slot.assembler.finish() if reason in ("stop", "length") else ""
         if tail:
-            slot.generation.push(TextDelta(tail))
-        slot.generation.push(Finished(reason, len(slot.generation.prompt_tokens), slot.generated, error))
+            self._emit(slot.generation, TextDelta(tail))
+        self._emit(slot.generation, Finished(reason, len(slot.generation.prompt_tokens), slot.generated, error))
         self.backend.release(slot.index)
         with self._cond:
             del self._active[slot.index]
