@@ -363,6 +363,40 @@ def run_round(args: argparse.Namespace, model: Path, levels: list[int], total: i
     return rows
 
 
+def paired(rounds: list[list[Row]]) -> str:
+    """Each system's aggregate tok/s over llama-server's, within each round, at each level.
+
+    The machine's speed drifts between rounds (a 4-row step took 35 ms in one run, 45 ms in the next),
+    so a ratio taken inside one round, minutes apart, says more than rows pooled over all rounds.
+    """
+    lines: list[str] = []
+    for reference in sorted({row.system for rows in rounds for row in rows if row.system.startswith("llama-server")}):
+        systems = sorted({row.system for rows in rounds for row in rows if row.system.startswith("peerinfer")})
+        levels = sorted({row.concurrency for rows in rounds for row in rows})
+        for system in systems:
+            for level in levels:
+                ratios = []
+                for rows in rounds:
+                    mine = {(row.system, row.concurrency): row for row in rows}
+                    if (system, level) in mine and (reference, level) in mine:
+                        ours = float(mine[(system, level)].summary()["agg_tok_s"])
+                        theirs = float(mine[(reference, level)].summary()["agg_tok_s"])
+                        ratios.append(ours / theirs)
+                if ratios:
+                    wins = sum(ratio >= 1.0 for ratio in ratios)
+                    lines.append(
+                        f"| {system} | {reference} | {level} | {len(ratios)} | {statistics.median(ratios):.3f} | "
+                        f"{min(ratios):.3f} | {max(ratios):.3f} | {wins} of {len(ratios)} |"
+                    )
+    if not lines:
+        return ""
+    header = (
+        "| system | against | conc. | rounds | tok/s ratio, median | lowest | highest | rounds at or above 1 |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    return header + "\n" + "\n".join(lines)
+
+
 def merge(rows: list[Row]) -> list[Row]:
     """Pool the rounds: one row per system and level, samples and wall time added up."""
     merged: dict[tuple[str, int], Row] = {}
@@ -397,11 +431,16 @@ def main() -> int:
     rows: list[Row] = []
     wanted = {name.strip() for name in args.only.split(",") if name.strip()}
 
+    rounds: list[list[Row]] = []
     for round_number in range(args.rounds):
         print(f"round {round_number + 1} of {args.rounds}", file=sys.stderr)
-        rows.extend(run_round(args, model, levels, total, wanted))
+        rounds.append(run_round(args, model, levels, total, wanted))
+        rows.extend(rounds[-1])
     rows = merge(rows)
     report = table(rows)
+    pairs = paired(rounds)
+    if pairs:
+        report += "\n\nPaired within each round (aggregate tok/s, this system / the other):\n\n" + pairs
     print(report)
     if not args.quick:
         command = "bash bench/setup_peers.sh && .venv/bin/python bench/bench_serving.py " + " ".join(sys.argv[1:])

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
-from peerinfer.engine.base import Finished, Generation, SamplingParams, TextDelta
+from peerinfer.engine.base import Finished, Generation, SamplingParams, TextDelta, deliver
 from peerinfer.engine.scheduler import BatchScheduler, SlotWork
 
 
@@ -95,6 +96,46 @@ def test_waiting_requests_are_admitted_first_in_first_out_and_cancelled_ones_ski
     assert len(prompts_read) == 2  # the cancelled request never took the slot
 
 
+class LengthBackend(RecordingBackend):
+    """Replies with as many 'x' as the prompt's first token says, then ends."""
+
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        self.replies[slot] = []
+
+    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+        time.sleep(0.002)  # a step takes time, so a request can arrive while others generate
+        for item in work:
+            if item.start == 0:
+                self.replies[item.slot] = [ord("x")] * item.tokens[0] + [0]
+        return super().decode(work)
+
+
+def test_generating_slots_are_decoded_in_slot_order_after_a_slot_is_reused() -> None:
+    backend = LengthBackend()
+    scheduler = BatchScheduler(backend, slots=3, max_queue=4, prefill_chunk=8)
+    scheduler.start()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        first, second, third = (Generation([n], SamplingParams(max_tokens=50), loop) for n in (1, 30, 30))
+        for generation in (first, second, third):
+            scheduler.submit(generation)
+        [event async for event in first.stream()]
+        # Slot 0 is free again: the next request takes it while slots 1 and 2 are still generating.
+        fourth = Generation([5], SamplingParams(max_tokens=50), loop)
+        scheduler.submit(fourth)
+        for generation in (second, third, fourth):
+            [event async for event in generation.stream()]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    steps = [[slot for slot, _, size in call] for call in backend.calls if all(size == 1 for _, _, size in call)]
+    assert [0, 1, 2] in steps  # the reused slot 0 ran together with 1 and 2 ...
+    assert all(slots == sorted(slots) for slots in steps)  # ... and always first
+
+
 class ExplodingBackend(RecordingBackend):
     """Raises a non-peerinfer error on the first decode, as a bug would."""
 
@@ -129,3 +170,23 @@ def test_an_unexpected_error_fails_the_request_but_the_scheduler_keeps_serving()
         assert asyncio.run(scenario()) == ("error", "stop")
     finally:
         scheduler.close()
+
+
+def test_events_delivered_together_arrive_in_order_and_a_closed_loop_cancels() -> None:
+    async def deliver_two() -> list[list[object]]:
+        loop = asyncio.get_running_loop()
+        first = Generation([1], SamplingParams(max_tokens=2), loop)
+        second = Generation([1], SamplingParams(max_tokens=2), loop)
+        deliver([(first, TextDelta("a")), (second, TextDelta("x")), (first, TextDelta("b"))])
+        deliver([(first, Finished("stop", 1, 2)), (second, Finished("length", 1, 1))])
+        return [[event async for event in generation.stream()] for generation in (first, second)]
+
+    first_events, second_events = asyncio.run(deliver_two())
+    assert first_events == [TextDelta("a"), TextDelta("b"), Finished("stop", 1, 2)]
+    assert second_events == [TextDelta("x"), Finished("length", 1, 1)]
+
+    closed = asyncio.new_event_loop()
+    closed.close()
+    orphan = Generation([1], SamplingParams(max_tokens=2), closed)
+    deliver([(orphan, TextDelta("a"))])
+    assert orphan.cancelled.is_set()  # the scheduler frees its slot at the next step

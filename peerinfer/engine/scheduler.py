@@ -199,9 +199,11 @@ class BatchScheduler:
         a call of its own, so a request's numbers do not depend on what else the worker is doing.
         """
         calls: list[list[SlotWork]] = []
+        # In slot order: llama.cpp cuts a batch into one pass per run of consecutive sequence ids,
+        # so slots 1, 2, 3, 0 cost two passes (measured 61 ms against 37 ms for 0, 1, 2, 3).
         generating = [
             SlotWork(slot.index, [slot.next_token], slot.position, True)
-            for slot in self._active.values()
+            for slot in sorted(self._active.values(), key=lambda slot: slot.index)
             if slot.next_token is not None
         ]
         if generating:
