@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +19,7 @@ import llama_cpp as lc
 import numpy as np
 
 from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingParams
+from peerinfer.engine.batching import choose_pad_slot, rows_to_pad
 from peerinfer.engine.model_files import ModelFile, open_model_file
 from peerinfer.engine.scheduler import BatchScheduler, SlotWork
 from peerinfer.errors import EngineError
@@ -83,13 +86,16 @@ class LlamaBackend:
         self.memory = lc.llama_get_memory(ctx)
         self.n_ctx_per_slot = int(lc.llama_n_ctx_seq(ctx))
         self.batch = lc.llama_batch_init(max(settings.prefill_chunk, settings.slots), 0, 1)
-        self._samplers: dict[int, Any] = {}
+        self.slots = settings.slots
+        self._samplers: dict[int, Any] = {}  # one entry per slot in use (None: greedy)
+        self._pad_rows: frozenset[int] = frozenset()
         self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
         self._pieces: dict[int, bytes] = {}
         template = lc.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8", "replace") if template else None
         self.bos_token = _token_text(self.vocab, lc.llama_vocab_bos(self.vocab))
         self.eos_token = _token_text(self.vocab, lc.llama_vocab_eos(self.vocab))
+        self._pad_token = max(0, int(lc.llama_vocab_bos(self.vocab)))
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
         data = text.encode("utf-8")
@@ -125,6 +131,50 @@ class LlamaBackend:
         return int(lc.llama_sampler_sample(chain, self.ctx, index))
 
     def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+        pad = self._pad_slot(work)
+        if pad is not None:
+            work = sorted([*work, SlotWork(pad, [self._pad_token], 0, True)], key=lambda item: item.slot)
+        try:
+            outputs = self._decode(work)
+        finally:
+            if pad is not None:
+                lc.llama_memory_seq_rm(self.memory, pad, -1, -1)
+        return {slot: self._sample(slot, index) for slot, index in outputs if slot != pad}
+
+    @property
+    def pad_rows(self) -> frozenset[int]:
+        return self._pad_rows
+
+    def _pad_slot(self, work: Sequence[SlotWork]) -> int | None:
+        """A free slot for a throw-away row, when one more row makes this step cheaper (see ``calibrate``)."""
+        if sum(1 for item in work if item.want_output) not in self._pad_rows:
+            return None
+        free = (slot for slot in range(self.slots) if slot not in self._samplers)
+        return choose_pad_slot([item.slot for item in work], free)
+
+    def calibrate(self) -> dict[int, float]:
+        """Time a step of 1 to ``slots`` rows once, at load, and pad the row counts that one more row speeds up.
+
+        Returns the best of 3 times per row count, in ms. Must run before any slot is in use.
+        """
+        self._decode([SlotWork(0, [self._pad_token], 0, True)])  # the first call allocates
+        lc.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        step_ms: dict[int, float] = {}
+        for rows in range(1, self.slots + 1):
+            work = [SlotWork(slot, [self._pad_token], 0, True) for slot in range(rows)]
+            best = math.inf
+            for _ in range(3):
+                started = time.perf_counter()
+                self._decode(work)
+                best = min(best, time.perf_counter() - started)
+                for slot in range(rows):
+                    lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            step_ms[rows] = 1000 * best
+        self._pad_rows = rows_to_pad(step_ms)
+        return step_ms
+
+    def _decode(self, work: Sequence[SlotWork]) -> list[tuple[int, int]]:
+        """One ``llama_decode``; returns (slot, batch index) of each row that asked for logits."""
         batch = self.batch
         outputs: list[tuple[int, int]] = []
         count = 0
@@ -144,7 +194,7 @@ class LlamaBackend:
         status = lc.llama_decode(self.ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status} on a batch of {count} tokens")
-        return {slot: self._sample(slot, index) for slot, index in outputs}
+        return outputs
 
     def piece(self, token: int) -> bytes:
         cached = self._pieces.get(token)
@@ -202,6 +252,13 @@ class LlamaEngine:
         model_file = open_model_file(settings.model, settings.cache_dir)
         backend = LlamaBackend(model_file, settings)
         self._backend = backend
+        step_ms = backend.calibrate()
+        padded = sorted(backend.pad_rows)
+        log.info(
+            "decode step by rows: %s ms%s",
+            ", ".join(f"{rows}: {ms:.1f}" for rows, ms in step_ms.items()),
+            f"; steps of {padded} rows get a throw-away row in a free slot (cheaper)" if padded else "",
+        )
         self._info = ModelInfo(
             model_id=model_file.model_id,
             path=str(model_file.path),
