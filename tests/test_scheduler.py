@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
+
+import pytest
 
 from peerinfer.engine.base import Finished, Generation, SamplingParams, TextDelta, deliver
 from peerinfer.engine.scheduler import BatchScheduler, SlotWork
@@ -190,3 +193,32 @@ def test_events_delivered_together_arrive_in_order_and_a_closed_loop_cancels() -
     orphan = Generation([1], SamplingParams(max_tokens=2), closed)
     deliver([(orphan, TextDelta("a"))])
     assert orphan.cancelled.is_set()  # the scheduler frees its slot at the next step
+
+
+class ThreadRecordingBackend(RecordingBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+        self.threads.add(threading.get_ident())
+        return super().decode(work)
+
+
+def test_prepare_runs_on_the_decoding_thread_and_its_failure_stops_the_start() -> None:
+    backend = ThreadRecordingBackend()
+    scheduler = BatchScheduler(backend, slots=1, max_queue=4, prefill_chunk=8)
+    try:
+        assert (
+            scheduler.start(prepare=lambda: (backend.threads.add(threading.get_ident()), "measured")[1]) == "measured"
+        )
+        assert asyncio.run(run_all(scheduler, [[1]])) == ["ab"]
+    finally:
+        scheduler.close()
+    assert len(backend.threads) == 1  # the warm-up and every step: one thread
+
+    def broken() -> None:
+        raise RuntimeError("llama_decode failed")
+
+    with pytest.raises(RuntimeError, match="llama_decode failed"):
+        BatchScheduler(RecordingBackend(), slots=1, max_queue=4, prefill_chunk=8).start(prepare=broken)

@@ -252,13 +252,6 @@ class LlamaEngine:
         model_file = open_model_file(settings.model, settings.cache_dir)
         backend = LlamaBackend(model_file, settings)
         self._backend = backend
-        step_ms = backend.calibrate()
-        padded = sorted(backend.pad_rows)
-        log.info(
-            "decode step by rows: %s ms%s",
-            ", ".join(f"{rows}: {ms:.1f}" for rows, ms in step_ms.items()),
-            f"; steps of {padded} rows get a throw-away row in a free slot (cheaper)" if padded else "",
-        )
         self._info = ModelInfo(
             model_id=model_file.model_id,
             path=str(model_file.path),
@@ -271,13 +264,26 @@ class LlamaEngine:
             bos_token=backend.bos_token,
             eos_token=backend.eos_token,
         )
-        self._scheduler = BatchScheduler(
+        scheduler = BatchScheduler(
             backend=backend,
             slots=settings.slots,
             max_queue=settings.max_queue,
             prefill_chunk=settings.prefill_chunk,
         )
-        self._scheduler.start()
+        try:
+            step_ms = scheduler.start(prepare=backend.calibrate) or {}
+        except BaseException:
+            backend.close()
+            self._backend = None
+            self._info = None
+            raise
+        self._scheduler = scheduler
+        padded = sorted(backend.pad_rows)
+        log.info(
+            "decode step by rows: %s ms%s",
+            ", ".join(f"{rows}: {ms:.1f}" for rows, ms in step_ms.items()),
+            f"; steps of {padded} rows get a throw-away row in a free slot (cheaper)" if padded else "",
+        )
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         if self._backend is None:
