@@ -137,6 +137,10 @@ def test_generating_slots_are_decoded_in_slot_order_after_a_slot_is_reused() -> 
     steps = [[slot for slot, _, size in call] for call in backend.calls if all(size == 1 for _, _, size in call)]
     assert [0, 1, 2] in steps  # the reused slot 0 ran together with 1 and 2 ...
     assert all(slots == sorted(slots) for slots in steps)  # ... and always first
+    # Its prompt was read before the running streams' token of that step, not after: its first token
+    # does not wait for a whole step.
+    read = backend.calls.index([(0, 0, 1)], 1)
+    assert [slot for slot, _, _ in backend.calls[read + 1]] == [1, 2]
 
 
 class ExplodingBackend(RecordingBackend):

@@ -5,9 +5,9 @@ Each step it:
 
 1. admits waiting requests into free slots, first in first out;
 2. frees slots whose client went away (within one step, i.e. about one token);
-3. decodes one token for every generating slot in one batch, then one fixed-size chunk of the
-   oldest unread prompt in a call of its own (so a long prompt never stalls the running streams
-   for more than one chunk, and its chunks are the same whatever else runs);
+3. decodes one fixed-size chunk of the oldest unread prompt in a call of its own, then one token
+   for every generating slot in one batch (so a long prompt never stalls the running streams for
+   more than one chunk, and its chunks are the same whatever else runs);
 4. samples per slot and turns token bytes into text deltas.
 
 The decoder is a ``DecodeBackend``: llama.cpp in production, a scripted fake in fast tests.
@@ -220,12 +220,20 @@ class BatchScheduler:
                 self._finish(slot, "cancelled")
 
     def _plan(self) -> list[list[SlotWork]]:
-        """This step's decode calls: every generating slot's next token together, then one prompt chunk.
+        """This step's decode calls: one prompt chunk, then every generating slot's next token together.
 
         A prompt chunk always covers the same tokens (multiples of ``prefill_chunk``) and is decoded in
-        a call of its own, so a request's numbers do not depend on what else the worker is doing.
+        a call of its own, so a request's numbers do not depend on what else the worker is doing. It
+        goes first: a short prompt's first token then leaves a whole decode step (~40 ms at 4 streams)
+        earlier, and the running streams wait for the same two calls either way.
         """
         calls: list[list[SlotWork]] = []
+        reading = [slot for slot in self._active.values() if slot.next_token is None and slot.prompt_left > 0]
+        if reading:
+            slot = min(reading, key=lambda s: s.admitted_at)
+            size = min(self.prefill_chunk, slot.prompt_left)
+            tokens = slot.generation.prompt_tokens[slot.prefilled : slot.prefilled + size]
+            calls.append([SlotWork(slot.index, tokens, slot.position, size == slot.prompt_left)])
         # In slot order: llama.cpp cuts a batch into one pass per run of consecutive sequence ids,
         # so slots 1, 2, 3, 0 cost two passes (measured 61 ms against 37 ms for 0, 1, 2, 3).
         generating = [
@@ -235,12 +243,6 @@ class BatchScheduler:
         ]
         if generating:
             calls.append(generating)
-        reading = [slot for slot in self._active.values() if slot.next_token is None and slot.prompt_left > 0]
-        if reading:
-            slot = min(reading, key=lambda s: s.admitted_at)
-            size = min(self.prefill_chunk, slot.prompt_left)
-            tokens = slot.generation.prompt_tokens[slot.prefilled : slot.prefilled + size]
-            calls.append([SlotWork(slot.index, tokens, slot.position, size == slot.prompt_left)])
         return calls
 
     def _step(self) -> None:
