@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -443,7 +444,7 @@ def main() -> int:
         report += "\n\nPaired within each round (aggregate tok/s, this system / the other):\n\n" + pairs
     print(report)
     if not args.quick:
-        command = "bash bench/setup_peers.sh && .venv/bin/python bench/bench_serving.py " + " ".join(sys.argv[1:])
+        command = "bash bench/setup_peers.sh && .venv/bin/python bench/bench_serving.py " + shlex.join(sys.argv[1:])
         picture = f"\n\n![serving chart]({args.section}.png)" if len(levels) > 1 else ""
         if picture:
             chart(rows, REPO / "bench" / f"{args.section}.png")
