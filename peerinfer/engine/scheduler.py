@@ -94,7 +94,7 @@ class BatchScheduler:
     prefill_chunk: int
     _waiting: deque[Generation] = field(default_factory=deque)
     _active: dict[int, _Slot] = field(default_factory=dict)
-    # Events of this iteration, handed over together when it ends (see ``deliver``).
+    # Events not yet handed to the event loop: flushed after each decode call and each iteration.
     _outbox: list[tuple[Generation, Event]] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _running: bool = False
