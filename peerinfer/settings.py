@@ -71,6 +71,15 @@ class WorkerSettings(NetworkSettings):
         le=1000,
         description="Sample from the k most likely tokens when temperature > 0 (0 = all); a request's top_k wins.",
     )
+    first_token_pause_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=50,
+        description=(
+            "After a stream's first text is handed to the server, the decoding thread waits this long before the "
+            "next step, so that the server (and a client on this machine) get a core to send and read it."
+        ),
+    )
     max_queue: int = Field(default=16, ge=0, le=10000, description="Requests that may wait for a slot.")
     max_tokens_cap: int = Field(default=4096, ge=1, le=131072, description="Largest max_tokens accepted.")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body.")

@@ -226,3 +226,35 @@ def test_prepare_runs_on_the_decoding_thread_and_its_failure_stops_the_start() -
 
     with pytest.raises(RuntimeError, match="llama_decode failed"):
         BatchScheduler(RecordingBackend(), slots=1, max_queue=4, prefill_chunk=8).start(prepare=broken)
+
+
+class TimedBackend(RecordingBackend):
+    """Also records when each decode call starts; replies 'abcd' then ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[float] = []
+
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        self.replies[slot] = [ord(c) for c in "abcd"] + [0]
+
+    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+        self.started.append(time.monotonic())
+        return super().decode(work)
+
+
+def test_the_decoder_pauses_once_after_each_streams_first_text_and_not_after_later_tokens() -> None:
+    backend = TimedBackend()
+    pause = 0.3
+    scheduler = BatchScheduler(backend, slots=2, max_queue=4, prefill_chunk=8, first_token_pause_s=pause)
+    scheduler.start()
+    try:
+        texts = asyncio.run(run_all(scheduler, [[1, 2], [3]]))
+    finally:
+        scheduler.close()
+    assert texts == ["abcd", "abcd"]
+    gaps = [later - earlier for earlier, later in zip(backend.started, backend.started[1:], strict=False)]
+    paused_after = [index for index, gap in enumerate(gaps) if gap >= pause]
+    # Call 0 reads the first prompt and gives its 'a'; call 1 reads the second prompt and gives its 'a'.
+    # Each of those is followed by the pause, no later call is (about 10 calls in all).
+    assert paused_after == [0, 1], (backend.calls, gaps)

@@ -269,6 +269,7 @@ class LlamaEngine:
             slots=settings.slots,
             max_queue=settings.max_queue,
             prefill_chunk=settings.prefill_chunk,
+            first_token_pause_s=settings.first_token_pause_ms / 1000,
         )
         try:
             step_ms = scheduler.start(prepare=backend.calibrate) or {}

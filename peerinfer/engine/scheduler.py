@@ -8,7 +8,8 @@ Each step it:
 3. decodes one fixed-size chunk of the oldest unread prompt in a call of its own, then one token
    for every generating slot in one batch (so a long prompt never stalls the running streams for
    more than one chunk, and its chunks are the same whatever else runs);
-4. samples per slot and turns token bytes into text deltas.
+4. samples per slot and turns token bytes into text deltas;
+5. after a call that gave some stream its first text, pauses ``first_token_pause_s`` before the next one.
 
 The decoder is a ``DecodeBackend``: llama.cpp in production, a scripted fake in fast tests.
 """
@@ -78,6 +79,7 @@ class _Slot:
     position: int = 0
     next_token: int | None = None
     generated: int = 0
+    sent_text: bool = False
 
     @property
     def prompt_left(self) -> int:
@@ -92,6 +94,9 @@ class BatchScheduler:
     slots: int
     max_queue: int
     prefill_chunk: int
+    # llama.cpp's threads take every core while they decode, so without a pause the server's event loop
+    # (and a client on this machine) wait for the next step to be preempted before the first token goes out.
+    first_token_pause_s: float = 0.0
     _waiting: deque[Generation] = field(default_factory=deque)
     _active: dict[int, _Slot] = field(default_factory=dict)
     # Events not yet handed to the event loop: flushed after each decode call and each iteration.
@@ -100,6 +105,7 @@ class BatchScheduler:
     _running: bool = False
     _thread: threading.Thread | None = None
     _mean_request_s: float = 5.0
+    _first_text_out: bool = False
 
     def start(self, prepare: Callable[[], T] | None = None) -> T | None:
         """Start the decoding thread; ``prepare`` runs on it first, and ``start`` returns its result.
@@ -262,6 +268,10 @@ class BatchScheduler:
                 if item.slot in sampled:
                     self._accept(slot, sampled[item.slot])
             self._flush()  # this call's tokens go out now, not after the step's other call
+            if self._first_text_out:
+                self._first_text_out = False
+                if self.first_token_pause_s > 0:
+                    time.sleep(self.first_token_pause_s)
 
     def _accept(self, slot: _Slot, token: int) -> None:
         params = slot.generation.params
@@ -272,6 +282,8 @@ class BatchScheduler:
         delta, stopped = slot.assembler.feed(self.backend.piece(token))
         if delta:
             self._emit(slot.generation, TextDelta(delta))
+            if not slot.sent_text:
+                slot.sent_text = self._first_text_out = True
         if stopped:
             self._finish(slot, "stop")
         elif slot.generated >= params.max_tokens or slot.position >= self.backend.n_ctx_per_slot:
