@@ -58,6 +58,13 @@ class WorkerSettings(NetworkSettings):
         le=8192,
         description="Prompt tokens decoded per step, in a call of their own between generation steps.",
     )
+    prefix_cache: bool = Field(
+        default=True,
+        description=(
+            "Keep whole chunks of a finished request's prompt in its slot, and send a later prompt that starts "
+            "the same way to that slot: only the rest is read. The text is the same as with a fresh read."
+        ),
+    )
     batch_invariant: bool = Field(
         default=True,
         description=(

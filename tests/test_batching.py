@@ -1,10 +1,18 @@
-"""Shaping decode batches for llama.cpp: which row counts to pad, and with which free slot."""
+"""Shaping decode batches for llama.cpp (which row counts to pad, with which slot) and choosing a slot."""
 
 from __future__ import annotations
 
 import pytest
 
-from peerinfer.engine.batching import choose_pad_slot, rows_to_pad, sequence_runs
+from peerinfer.engine.batching import (
+    Fillers,
+    choose_pad_slot,
+    choose_slot,
+    fillers,
+    reusable_prefix,
+    rows_to_pad,
+    sequence_runs,
+)
 
 
 @pytest.mark.parametrize(
@@ -39,3 +47,51 @@ def test_rows_to_pad_picks_the_counts_one_more_row_makes_clearly_cheaper() -> No
 )
 def test_choose_pad_slot_never_adds_a_pass(rows: list[int], free: list[int], chosen: int | None) -> None:
     assert choose_pad_slot(rows, free) == chosen
+
+
+@pytest.mark.parametrize(
+    ("rows", "spare", "pad", "expected"),
+    [
+        ([0, 1, 2, 3], [], False, Fillers(None, ())),
+        ([0, 2, 3], [1], False, Fillers(None, (1,))),  # a gap: one pass instead of two
+        ([0, 3], [1, 2], False, Fillers(None, (1, 2))),
+        ([0, 3], [1], False, Fillers(None, ())),  # slot 2 is not spare: filling 1 alone saves nothing
+        ([0, 2, 3], [1], True, Fillers(1, ())),  # the filler also gives the cheaper row count
+        ([0, 1, 2], [3], True, Fillers(3, ())),
+        ([0, 1, 2], [], True, Fillers(None, ())),
+        ([0, 1, 2], [5], True, Fillers(None, ())),  # 5 would add a pass
+        ([0, 1], [2, 3], False, Fillers(None, ())),  # no gap, no padding: nothing to add
+    ],
+)
+def test_fillers_join_runs_of_slots_and_pad_to_a_cheaper_count(
+    rows: list[int], spare: list[int], pad: bool, expected: Fillers
+) -> None:
+    assert fillers(rows, spare, pad) == expected
+
+
+@pytest.mark.parametrize(
+    ("kept", "prompt", "chunk", "reused"),
+    [
+        (list(range(20)), list(range(30)), 8, 16),  # whole chunks only
+        (list(range(16)), list(range(16)), 8, 8),  # never the last prompt token: its logits are needed
+        (list(range(16)), list(range(17)), 8, 16),
+        (list(range(20)), [*range(10), 99, *range(11, 30)], 8, 8),  # they part at token 10
+        ([5, *range(1, 20)], list(range(20)), 8, 0),
+        ([], list(range(20)), 8, 0),
+        (list(range(20)), [0], 8, 0),
+    ],
+)
+def test_reusable_prefix_is_whole_chunks_of_what_the_prompts_share(
+    kept: list[int], prompt: list[int], chunk: int, reused: int
+) -> None:
+    assert reusable_prefix(kept, prompt, chunk) == reused
+
+
+def test_choose_slot_prefers_the_longest_reuse_then_the_least_kept_then_the_lowest() -> None:
+    system = list(range(100, 140))
+    kept = {0: [*system, 1, 2, 3], 1: [*system[:16], 7, 7, 7, 7], 3: list(range(500, 600))}
+    assert choose_slot([0, 1, 2, 3], kept, [*system, 9, 9], chunk=8) == 0
+    assert choose_slot([1, 2, 3], kept, [*system, 9, 9], chunk=8) == 1
+    # Nothing to reuse: the empty slot 2, so that what slots 0, 1 and 3 hold stays for later.
+    assert choose_slot([0, 1, 2, 3], kept, [1, 2, 3], chunk=8) == 2
+    assert choose_slot([2, 4], {}, [1, 2, 3], chunk=8) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import openai
 import pytest
@@ -159,6 +160,33 @@ def test_a_long_context_gives_the_same_text_together_as_alone(real_worker: str) 
         together = list(pool.map(lambda prompt: _complete(real_worker, prompt), prompts))
     assert alone.strip()
     assert together[0] == alone
+
+
+def _complete_with_usage(url: str, prompt: str) -> tuple[str, dict[str, Any]]:
+    body = {"prompt": prompt, "max_tokens": 32, "temperature": 0}
+    reply = requests.post(url + "/v1/completions", json=body, timeout=120).json()
+    return str(reply["choices"][0]["text"]), reply["usage"]
+
+
+def test_a_prompt_read_before_is_not_read_again_and_gives_the_same_text(real_worker: str) -> None:
+    # Unique to this test, so that no slot holds any of it yet; ~790 tokens, 12 whole chunks of 64.
+    prompt = LONG_PROMPT.replace("x * 2", "x + 7")
+    variant = prompt.replace("# now write a function that", "# next, a class that")
+    variant_fresh, usage = _complete_with_usage(real_worker, variant)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+    # The prompt shares all but its last line with the variant: it reads only the chunks after them.
+    prompt_first, usage = _complete_with_usage(real_worker, prompt)
+    shared = usage["prompt_tokens_details"]["cached_tokens"]
+    assert shared > 0 and shared % 64 == 0 and shared >= usage["prompt_tokens"] - 2 * 64
+    prompt_again, usage = _complete_with_usage(real_worker, prompt)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == (usage["prompt_tokens"] - 1) // 64 * 64
+    # Exactly the text of a fresh read, including while three other streams run.
+    assert prompt_again == prompt_first
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda text: _complete_with_usage(real_worker, text), [variant, *BATCH_PROMPTS[:3]]))
+    assert together[0][1]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert together[0][0] == variant_fresh
+    assert variant_fresh.strip()
 
 
 def test_sampling_with_a_seed_is_reproducible(real_worker: str) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 
 from peerinfer.engine.base import Finished, Generation, SamplingParams, TextDelta, deliver
 from peerinfer.engine.scheduler import BatchScheduler, SlotWork
+from peerinfer.errors import EngineError
 
 
 class RecordingBackend:
@@ -22,10 +23,11 @@ class RecordingBackend:
         self.calls: list[list[tuple[int, int, int]]] = []
         self.replies: dict[int, list[int]] = {}
 
-    def begin(self, slot: int, params: SamplingParams) -> None:
+    def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
         self.replies[slot] = [ord("a"), ord("b"), 0]
+        return keep
 
-    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
         self.calls.append([(item.slot, item.start, len(item.tokens)) for item in work])
         return {item.slot: self.replies[item.slot].pop(0) for item in work if item.want_output}
 
@@ -35,7 +37,7 @@ class RecordingBackend:
     def is_end(self, token: int) -> bool:
         return token == 0
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, keep: int) -> None:
         self.replies.pop(slot, None)
 
 
@@ -102,15 +104,16 @@ def test_waiting_requests_are_admitted_first_in_first_out_and_cancelled_ones_ski
 class LengthBackend(RecordingBackend):
     """Replies with as many 'x' as the prompt's first token says, then ends."""
 
-    def begin(self, slot: int, params: SamplingParams) -> None:
+    def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
         self.replies[slot] = []
+        return keep
 
-    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
         time.sleep(0.002)  # a step takes time, so a request can arrive while others generate
         for item in work:
             if item.start == 0:
                 self.replies[item.slot] = [ord("x")] * item.tokens[0] + [0]
-        return super().decode(work)
+        return super().decode(work, spare)
 
 
 def test_generating_slots_are_decoded_in_slot_order_after_a_slot_is_reused() -> None:
@@ -152,11 +155,11 @@ class ExplodingBackend(RecordingBackend):
         super().__init__()
         self.exploded = False
 
-    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
         if not self.exploded:
             self.exploded = True
             raise KeyError("a bug")
-        return super().decode(work)
+        return super().decode(work, spare)
 
 
 def test_an_unexpected_error_fails_the_request_but_the_scheduler_keeps_serving() -> None:
@@ -206,9 +209,9 @@ class ThreadRecordingBackend(RecordingBackend):
         super().__init__()
         self.threads: set[int] = set()
 
-    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
         self.threads.add(threading.get_ident())
-        return super().decode(work)
+        return super().decode(work, spare)
 
 
 def test_prepare_runs_on_the_decoding_thread_and_its_failure_stops_the_start() -> None:
@@ -237,12 +240,13 @@ class TimedBackend(RecordingBackend):
         super().__init__()
         self.started: list[float] = []
 
-    def begin(self, slot: int, params: SamplingParams) -> None:
+    def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
         self.replies[slot] = [ord(c) for c in "abcd"] + [0]
+        return keep
 
-    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
         self.started.append(time.monotonic())
-        return super().decode(work)
+        return super().decode(work, spare)
 
 
 def test_the_decoder_pauses_once_after_each_streams_first_text_and_not_after_later_tokens() -> None:
@@ -262,3 +266,102 @@ def test_the_decoder_pauses_once_after_each_streams_first_text_and_not_after_lat
     reads = [index for index, call in enumerate(backend.calls) if any(start == 0 for _, start, _ in call)]
     assert len(reads) == 2
     assert paused_after == reads, (backend.calls, gaps)
+
+
+class KeepingBackend(RecordingBackend):
+    """Also records what each slot is asked to keep, and the spare slots offered to each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[tuple[str, int, int]] = []
+        self.spares: list[dict[int, int]] = []
+
+    def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
+        self.kept.append(("begin", slot, keep))
+        return super().begin(slot, params, keep)
+
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+        self.spares.append(dict(spare))
+        return super().decode(work, spare)
+
+    def release(self, slot: int, keep: int) -> None:
+        self.kept.append(("release", slot, keep))
+        super().release(slot, keep)
+
+
+async def finish(scheduler: BatchScheduler, prompt: list[int]) -> Finished:
+    generation = Generation(prompt, SamplingParams(max_tokens=10), asyncio.get_running_loop())
+    scheduler.submit(generation)
+    events = [event async for event in generation.stream()]
+    assert isinstance(events[-1], Finished)
+    return events[-1]
+
+
+def test_a_prompt_that_starts_like_an_earlier_one_goes_to_its_slot_and_reads_only_the_rest() -> None:
+    backend = KeepingBackend()
+    scheduler = BatchScheduler(backend, slots=2, max_queue=4, prefill_chunk=8)
+    system = list(range(100, 120))  # 20 tokens: two whole chunks of 8, and 4 more
+    scheduler.start()
+
+    async def scenario() -> list[Finished]:
+        first = await finish(scheduler, [*system, 1, 2])
+        other = await finish(scheduler, [7, 7, 7])  # nothing to reuse: the empty slot, keeping slot 0's
+        second = await finish(scheduler, [*system, 3, 4, 5])
+        return [first, other, second]
+
+    try:
+        first, other, second = asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert backend.kept == [
+        ("begin", 0, 0),
+        ("release", 0, 16),  # the prompt's whole chunks stay in slot 0 ...
+        ("begin", 1, 0),
+        ("release", 1, 0),  # ... a 3-token prompt has none
+        ("begin", 0, 16),  # ... and the prompt that starts the same way finds them there
+        ("release", 0, 16),
+    ]
+    assert (first.cached_tokens, other.cached_tokens, second.cached_tokens) == (0, 0, 16)
+    assert second.prompt_tokens == 23
+    reads = [call for call in backend.calls if any(size > 1 for _, _, size in call)]
+    assert reads[-1] == [(0, 16, 7)]  # only the last 7 prompt tokens were read, from position 16
+    # While slot 1 decoded, slot 0 (free, holding 16 positions) was offered for throw-away rows after them.
+    other_calls = [spare for call, spare in zip(backend.calls, backend.spares, strict=True) if call[0][0] == 1]
+    assert other_calls and all(spare == {0: 16} for spare in other_calls)
+
+
+def test_nothing_is_kept_when_prompt_reuse_is_off() -> None:
+    backend = KeepingBackend()
+    scheduler = BatchScheduler(backend, slots=1, max_queue=4, prefill_chunk=8, reuse_prompts=False)
+    scheduler.start()
+
+    async def scenario() -> list[Finished]:
+        return [await finish(scheduler, list(range(100, 120))) for _ in range(2)]
+
+    try:
+        finished = asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert [item.cached_tokens for item in finished] == [0, 0]
+    assert backend.kept == [("begin", 0, 0), ("release", 0, 0)] * 2
+
+
+class FailingStepBackend(KeepingBackend):
+    """Fails every call that decodes generated tokens (after the prompt was read)."""
+
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+        if all(len(item.tokens) == 1 for item in work):
+            raise EngineError("llama_decode failed")
+        return super().decode(work, spare)
+
+
+def test_a_request_that_fails_keeps_nothing_in_its_slot() -> None:
+    backend = FailingStepBackend()
+    scheduler = BatchScheduler(backend, slots=1, max_queue=4, prefill_chunk=8)
+    scheduler.start()
+    try:
+        failed = asyncio.run(finish(scheduler, list(range(100, 120))))
+    finally:
+        scheduler.close()
+    assert failed.reason == "error"
+    assert backend.kept == [("begin", 0, 0), ("release", 0, 0)]

@@ -153,11 +153,13 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens the worker did not read again."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -167,7 +169,7 @@ def _envelope(
     created: int,
     model: str,
     choice: dict[str, Any] | None,
-    counts: dict[str, int] | None = None,
+    counts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The fields every completion object and chunk shares, around at most one choice."""
     body: dict[str, Any] = {
@@ -196,19 +198,19 @@ def completion_chunk(
     return _envelope("text_completion", request_id, created, model, choice)
 
 
-def usage_chunk(object_name: str, request_id: str, created: int, model: str, counts: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(object_name: str, request_id: str, created: int, model: str, counts: dict[str, Any]) -> dict[str, Any]:
     return _envelope(object_name, request_id, created, model, None, counts)
 
 
 def chat_completion(
-    request_id: str, created: int, model: str, text: str, finish_reason: str, counts: dict[str, int]
+    request_id: str, created: int, model: str, text: str, finish_reason: str, counts: dict[str, Any]
 ) -> dict[str, Any]:
     choice = {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
     return _envelope("chat.completion", request_id, created, model, choice, counts)
 
 
 def completion(
-    request_id: str, created: int, model: str, text: str, finish_reason: str, counts: dict[str, int]
+    request_id: str, created: int, model: str, text: str, finish_reason: str, counts: dict[str, Any]
 ) -> dict[str, Any]:
     choice = {"text": text, "finish_reason": finish_reason}
     return _envelope("text_completion", request_id, created, model, choice, counts)

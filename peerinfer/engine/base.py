@@ -53,6 +53,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens found in the slot's cache (not read again)
 
 
 Event = TextDelta | Finished

@@ -1,4 +1,6 @@
-"""How to shape a decode batch for llama.cpp's CPU kernels. Pure decisions, no llama.cpp here.
+"""How to shape a decode batch for llama.cpp's CPU kernels, and which slot a request goes to.
+
+Pure decisions, no llama.cpp here.
 
 Two facts measured on this project's portable x86 build (Gemma 3 270M, whose 262k-row output
 matrix is Q8_0) shape these rules:
@@ -17,6 +19,7 @@ those measurements.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 # Pad only when one more row is clearly cheaper: a wrong choice costs a row's compute each step.
 PAD_MARGIN = 0.05
@@ -32,6 +35,61 @@ def rows_to_pad(step_ms: Mapping[int, float], margin: float = PAD_MARGIN) -> fro
     """Row counts n whose step is cheaper with one extra row, from measured step times by rows."""
     return frozenset(
         rows for rows, cost in step_ms.items() if rows + 1 in step_ms and step_ms[rows + 1] < cost * (1 - margin)
+    )
+
+
+@dataclass(frozen=True)
+class Fillers:
+    """Throw-away rows for one decode call, by slot."""
+
+    with_logits: int | None  # one extra row that computes logits, to reach a cheaper row count
+    without_logits: tuple[int, ...]  # rows that only join runs of slots (no logits: about 1.5 ms each here)
+
+
+def fillers(rows: Sequence[int], spare: Iterable[int], pad: bool) -> Fillers:
+    """Which ``spare`` slots get a throw-away row so that a call over ``rows`` makes one pass.
+
+    Spare slots between the call's slots fill the gaps (slots 0, 2, 3 become 0, 1, 2, 3), but only if
+    that removes a pass. With ``pad``, one extra row also asks for logits: a filler if there is one,
+    else the spare slot that adds no pass (see ``choose_pad_slot``).
+    """
+    spare = sorted(set(spare) - set(rows))
+    gaps: list[int] = []
+    if rows:
+        low, high = min(rows), max(rows)
+        gaps = [slot for slot in spare if low < slot < high]
+        if sequence_runs([*rows, *gaps]) >= sequence_runs(rows):
+            gaps = []
+    if not pad:
+        return Fillers(None, tuple(gaps))
+    if gaps:
+        return Fillers(gaps[0], tuple(gaps[1:]))
+    return Fillers(choose_pad_slot(rows, spare), ())
+
+
+def reusable_prefix(kept: Sequence[int], prompt: Sequence[int], chunk: int) -> int:
+    """How many leading tokens of ``prompt`` a slot still holding ``kept`` need not read again.
+
+    Whole prompt chunks only, and never the last prompt token (its logits are needed). A fresh read
+    cuts the prompt into chunks at multiples of ``chunk``; a reuse that ends on such a boundary reads
+    the rest in the very same chunks, so the numbers, and the text, are the same as a fresh read.
+    """
+    limit = min(len(kept), len(prompt) - 1)
+    same = 0
+    while same < limit and kept[same] == prompt[same]:
+        same += 1
+    return same - same % chunk
+
+
+def choose_slot(free: Iterable[int], kept: Mapping[int, Sequence[int]], prompt: Sequence[int], chunk: int) -> int:
+    """The free slot for ``prompt``: the one that saves the most reading.
+
+    On a tie, the slot that holds the least, so that longer kept prompts stay for later requests; then
+    the lowest slot. ``free`` must not be empty.
+    """
+    return min(
+        free,
+        key=lambda slot: (-reusable_prefix(kept.get(slot, ()), prompt, chunk), len(kept.get(slot, ())), slot),
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingParams
 from peerinfer.engine.scheduler import BatchScheduler, SlotWork
@@ -30,11 +30,12 @@ class FakeBackend:
         self._prompt: dict[int, list[int]] = {}
         self._reply: dict[int, list[int]] = {}
 
-    def begin(self, slot: int, params: SamplingParams) -> None:
-        self._prompt[slot] = []
+    def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
+        self._prompt[slot] = self._prompt.get(slot, [])[:keep]
         self._reply.pop(slot, None)
+        return keep
 
-    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
         if self._delay:
             time.sleep(self._delay)
         sampled: dict[int, int] = {}
@@ -56,8 +57,8 @@ class FakeBackend:
     def is_end(self, token: int) -> bool:
         return token == END_TOKEN
 
-    def release(self, slot: int) -> None:
-        self._prompt.pop(slot, None)
+    def release(self, slot: int, keep: int) -> None:
+        self._prompt[slot] = self._prompt.get(slot, [])[:keep]
         self._reply.pop(slot, None)
 
 

@@ -12,14 +12,14 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import llama_cpp as lc
 import numpy as np
 
 from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingParams
-from peerinfer.engine.batching import choose_pad_slot, rows_to_pad
+from peerinfer.engine.batching import fillers, rows_to_pad
 from peerinfer.engine.model_files import ModelFile, open_model_file
 from peerinfer.engine.scheduler import BatchScheduler, SlotWork
 from peerinfer.errors import EngineError
@@ -107,10 +107,13 @@ class LlamaBackend:
                 return list(buffer[:count])
             capacity = -count
 
-    def begin(self, slot: int, params: SamplingParams) -> None:
+    def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
+        if not lc.llama_memory_seq_rm(self.memory, slot, keep, -1):
+            lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            keep = 0
         if params.temperature <= 0:
             self._samplers[slot] = None  # greedy: an argmax over llama.cpp's own logits row
-            return
+            return keep
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         if params.top_k > 0:
             # Gemma's vocabulary has 262k entries: cutting to the top k first makes the softmax
@@ -122,6 +125,7 @@ class LlamaBackend:
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         self._samplers[slot] = chain
+        return keep
 
     def _sample(self, slot: int, index: int) -> int:
         chain = self._samplers[slot]
@@ -130,27 +134,29 @@ class LlamaBackend:
             return int(row.argmax())
         return int(lc.llama_sampler_sample(chain, self.ctx, index))
 
-    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
-        pad = self._pad_slot(work)
-        if pad is not None:
-            work = sorted([*work, SlotWork(pad, [self._pad_token], 0, True)], key=lambda item: item.slot)
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+        """Adds throw-away rows in ``spare`` slots where they make the call cheaper, then removes their cells.
+
+        A row without logits fills a gap between slots (one pass over the weights instead of two); a
+        row with logits reaches a cheaper row count (see ``calibrate``).
+        """
+        pad = sum(1 for item in work if item.want_output) in self._pad_rows
+        extra = fillers([item.slot for item in work], spare, pad)
+        added = [SlotWork(slot, [self._pad_token], spare[slot], False) for slot in extra.without_logits]
+        if extra.with_logits is not None:
+            added.append(SlotWork(extra.with_logits, [self._pad_token], spare[extra.with_logits], True))
+        if added:
+            work = sorted([*work, *added], key=lambda item: item.slot)
         try:
             outputs = self._decode(work)
         finally:
-            if pad is not None:
-                lc.llama_memory_seq_rm(self.memory, pad, -1, -1)
-        return {slot: self._sample(slot, index) for slot, index in outputs if slot != pad}
+            for item in added:
+                lc.llama_memory_seq_rm(self.memory, item.slot, item.start, -1)
+        return {slot: self._sample(slot, index) for slot, index in outputs if slot != extra.with_logits}
 
     @property
     def pad_rows(self) -> frozenset[int]:
         return self._pad_rows
-
-    def _pad_slot(self, work: Sequence[SlotWork]) -> int | None:
-        """A free slot for a throw-away row, when one more row makes this step cheaper (see ``calibrate``)."""
-        if sum(1 for item in work if item.want_output) not in self._pad_rows:
-            return None
-        free = (slot for slot in range(self.slots) if slot not in self._samplers)
-        return choose_pad_slot([item.slot for item in work], free)
 
     def calibrate(self) -> dict[int, float]:
         """Time a step of 1 to ``slots`` rows once, at load, and pad the row counts that one more row speeds up.
@@ -213,15 +219,16 @@ class LlamaBackend:
     def is_end(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
 
-    def release(self, slot: int) -> None:
-        lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
+    def release(self, slot: int, keep: int) -> None:
+        if not lc.llama_memory_seq_rm(self.memory, slot, keep, -1):
+            lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
         chain = self._samplers.pop(slot, None)
         if chain is not None:
             lc.llama_sampler_free(chain)
 
     def close(self) -> None:
         for slot in list(self._samplers):
-            self.release(slot)
+            self.release(slot, 0)
         lc.llama_batch_free(self.batch)
         lc.llama_free(self.ctx)
         lc.llama_model_free(self.model)
@@ -269,6 +276,7 @@ class LlamaEngine:
             slots=settings.slots,
             max_queue=settings.max_queue,
             prefill_chunk=settings.prefill_chunk,
+            reuse_prompts=settings.prefix_cache,
             first_token_pause_s=settings.first_token_pause_ms / 1000,
         )
         try:

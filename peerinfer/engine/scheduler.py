@@ -3,7 +3,9 @@
 One thread owns the decoder (a llama.cpp context is not thread-safe, so nothing else touches it).
 Each step it:
 
-1. admits waiting requests into free slots, first in first out;
+1. admits waiting requests into free slots, first in first out, each into the free slot that still
+   holds the longest part of its prompt (whole chunks of a prompt it read before: a shared system
+   prompt or an earlier turn of a chat is not read again);
 2. frees slots whose client went away (within one step, i.e. about one token);
 3. decodes one fixed-size chunk of the oldest unread prompt in a call of its own, then one token
    for every generating slot (including one whose prompt that chunk finished) in one batch, so a
@@ -22,7 +24,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -36,6 +38,7 @@ from peerinfer.engine.base import (
     TextDelta,
     deliver,
 )
+from peerinfer.engine.batching import choose_slot, reusable_prefix
 from peerinfer.engine.text import TextAssembler
 from peerinfer.errors import OverloadedError, PeerInferError
 
@@ -56,18 +59,25 @@ class SlotWork:
 class DecodeBackend(Protocol):
     n_ctx_per_slot: int
 
-    def begin(self, slot: int, params: SamplingParams) -> None:
-        """Prepare a slot (its sampler) for a new request."""
+    def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
+        """Prepare a slot (its sampler) for a new request, keeping the first ``keep`` positions of its cache.
 
-    def decode(self, work: Sequence[SlotWork]) -> dict[int, int]:
-        """Decode one batch; return the sampled token of every slot that asked for output."""
+        Returns how many it kept (``keep``, or 0 if the cache could not be cut there).
+        """
+
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+        """Decode one batch; return the sampled token of every slot that asked for output.
+
+        ``spare``: slots not in the batch that may hold a throw-away row, and the position it would take
+        (their cache must be as before once the call returns).
+        """
 
     def piece(self, token: int) -> bytes: ...
 
     def is_end(self, token: int) -> bool: ...
 
-    def release(self, slot: int) -> None:
-        """Forget a slot's KV cache and sampler."""
+    def release(self, slot: int, keep: int) -> None:
+        """Free a slot's sampler and its cache past the first ``keep`` positions."""
 
 
 @dataclass
@@ -76,8 +86,9 @@ class _Slot:
     generation: Generation
     assembler: TextAssembler
     admitted_at: float
-    prefilled: int = 0
-    position: int = 0
+    prefilled: int
+    position: int
+    cached: int  # prompt tokens found in the slot's cache, not read again
     next_token: int | None = None
     generated: int = 0
     sent_text: bool = False
@@ -95,6 +106,8 @@ class BatchScheduler:
     slots: int
     max_queue: int
     prefill_chunk: int
+    # Keep whole chunks of a finished request's prompt in its slot, for a later prompt that starts alike.
+    reuse_prompts: bool = True
     # llama.cpp's threads take every core while they decode, so without a pause the server's event loop
     # (and a client on this machine) wait for the next step to be preempted before the first token goes out.
     first_token_pause_s: float = 0.0
@@ -107,6 +120,8 @@ class BatchScheduler:
     _thread: threading.Thread | None = None
     _mean_request_s: float = 5.0
     _first_text_out: bool = False
+    # The prompt tokens each free slot still holds in its cache.
+    _kept: dict[int, list[int]] = field(default_factory=dict)
 
     def start(self, prepare: Callable[[], T] | None = None) -> T | None:
         """Start the decoding thread; ``prepare`` runs on it first, and ``start`` returns its result.
@@ -208,17 +223,25 @@ class BatchScheduler:
             if generation.cancelled.is_set():
                 self._emit(generation, Finished("cancelled", len(generation.prompt_tokens), 0))
                 continue
-            index = free.pop(0)
+            prompt = generation.prompt_tokens
+            index = choose_slot(free, self._kept, prompt, self.prefill_chunk) if self.reuse_prompts else free[0]
+            free.remove(index)
+            kept = self._kept.pop(index, [])
+            reuse = reusable_prefix(kept, prompt, self.prefill_chunk) if self.reuse_prompts else 0
             try:
-                self.backend.begin(index, generation.params)
+                reuse = self.backend.begin(index, generation.params, reuse)
             except PeerInferError as exc:
-                self._emit(generation, Finished("error", len(generation.prompt_tokens), 0, exc.message))
+                self.backend.release(index, 0)
+                self._emit(generation, Finished("error", len(prompt), 0, exc.message))
                 continue
             self._active[index] = _Slot(
                 index=index,
                 generation=generation,
                 assembler=TextAssembler(generation.params.stops),
                 admitted_at=time.monotonic(),
+                prefilled=reuse,
+                position=reuse,
+                cached=reuse,
             )
 
     def _reap_cancelled(self) -> None:
@@ -262,7 +285,7 @@ class BatchScheduler:
 
     def _decode(self, work: list[SlotWork]) -> None:
         try:
-            sampled = self.backend.decode(work)
+            sampled = self.backend.decode(work, self._spare(work))
         except PeerInferError as exc:
             log.error("decode failed for slots %s: %s", [item.slot for item in work], exc.message)
             for item in work:
@@ -280,6 +303,17 @@ class BatchScheduler:
             self._first_text_out = False
             if self.first_token_pause_s > 0:
                 time.sleep(self.first_token_pause_s)
+
+    def _spare(self, work: list[SlotWork]) -> dict[int, int]:
+        """Slots outside ``work`` that may take a throw-away row, and where: after what their cache holds."""
+        busy = {item.slot for item in work}
+        spare: dict[int, int] = {}
+        for index in range(self.slots):
+            if index in busy:
+                continue
+            slot = self._active.get(index)
+            spare[index] = slot.position if slot is not None else len(self._kept.get(index, ()))
+        return spare
 
     def _accept(self, slot: _Slot, token: int) -> None:
         params = slot.generation.params
@@ -303,9 +337,14 @@ class BatchScheduler:
         tail = slot.assembler.finish() if reason in ("stop", "length") else ""
         if tail:
             self._emit(slot.generation, TextDelta(tail))
-        self._emit(slot.generation, Finished(reason, len(slot.generation.prompt_tokens), slot.generated, error))
-        self.backend.release(slot.index)
+        prompt = slot.generation.prompt_tokens
+        self._emit(slot.generation, Finished(reason, len(prompt), slot.generated, error, cached_tokens=slot.cached))
+        # Whole chunks of the prompt, read as a fresh read would: after an error, nothing.
+        keep = slot.prefilled - slot.prefilled % self.prefill_chunk if self.reuse_prompts and error is None else 0
+        self.backend.release(slot.index, keep)
         with self._cond:
             del self._active[slot.index]
+        if keep:
+            self._kept[slot.index] = list(prompt[:keep])
         elapsed = time.monotonic() - slot.admitted_at
         self._mean_request_s = 0.8 * self._mean_request_s + 0.2 * elapsed

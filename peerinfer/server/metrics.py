@@ -36,6 +36,11 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.prompt_tokens = Counter("peerinfer_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
+        self.cached_prompt_tokens = Counter(
+            "peerinfer_prompt_tokens_cached",
+            "Prompt tokens found in a slot's cache and not read again.",
+            registry=self.registry,
+        )
         self.generated_tokens = Counter("peerinfer_generated_tokens", "Tokens generated.", registry=self.registry)
         queue = Gauge("peerinfer_queue_depth", "Requests waiting for a slot.", registry=self.registry)
         busy = Gauge("peerinfer_slots_busy", "Slots decoding a request.", registry=self.registry)
@@ -45,9 +50,10 @@ class WorkerMetrics:
         total.set_function(lambda: stats().slots_total)
 
     def observe_generation(
-        self, prompt_tokens: int, completion_tokens: int, ttft_s: float | None, total_s: float
+        self, prompt_tokens: int, completion_tokens: int, ttft_s: float | None, total_s: float, cached_tokens: int = 0
     ) -> None:
         self.prompt_tokens.inc(prompt_tokens)
+        self.cached_prompt_tokens.inc(cached_tokens)
         self.generated_tokens.inc(completion_tokens)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)

@@ -140,7 +140,9 @@ class CompletionService:
                 first = time.perf_counter() - started
             if isinstance(event, Finished):
                 total = time.perf_counter() - started
-                self.metrics.observe_generation(event.prompt_tokens, event.completion_tokens, first, total)
+                self.metrics.observe_generation(
+                    event.prompt_tokens, event.completion_tokens, first, total, event.cached_tokens
+                )
             yield event
             if isinstance(event, Finished):
                 return
@@ -197,7 +199,7 @@ async def stream_sse(
             elif event.reason in ("stop", "length"):
                 yield chunk("", event.reason)
                 if prepared.include_usage:
-                    counts = wire.usage(event.prompt_tokens, event.completion_tokens)
+                    counts = wire.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
                     name = "chat.completion.chunk" if chat else "text_completion"
                     yield sse.event(wire.usage_chunk(name, request_id, created, model, counts))
             else:
@@ -231,7 +233,7 @@ async def collect_json(
                     return {}  # the client is gone; nobody reads this
                 if event.reason not in ("stop", "length"):
                     raise _finish_error(event)
-                counts = wire.usage(event.prompt_tokens, event.completion_tokens)
+                counts = wire.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
                 text = "".join(parts)
                 if prepared.kind == "chat":
                     return wire.chat_completion(wire.new_id("chatcmpl"), wire.now(), model, text, event.reason, counts)
