@@ -187,6 +187,22 @@ def test_a_prompt_read_before_is_not_read_again_and_gives_the_same_text(real_wor
     assert together[0][1]["prompt_tokens_details"]["cached_tokens"] > 0
     assert together[0][0] == variant_fresh
     assert variant_fresh.strip()
+    metrics = requests.get(real_worker + "/metrics", timeout=10).text
+    line = next(line for line in metrics.splitlines() if line.startswith("peerinfer_prompt_tokens_cached_total"))
+    assert float(line.split()[1]) >= shared + usage["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_requests_sharing_a_prompt_at_once_copy_it_from_one_slot_and_give_the_same_text(real_worker: str) -> None:
+    shared = LONG_PROMPT.replace("x * 2", "x - 5")  # unique to this test
+    prompts = [shared.replace("# now write a function that", f"# task {n}: write a function that") for n in range(4)]
+    # One after the other: the first reads the shared part, the others find it in that slot.
+    alone = [_complete_with_usage(real_worker, prompt) for prompt in prompts]
+    assert [usage["prompt_tokens_details"]["cached_tokens"] > 0 for _, usage in alone] == [False, True, True, True]
+    # All at once: only one slot holds the shared part, so three requests copy it from there.
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda prompt: _complete_with_usage(real_worker, prompt), prompts))
+    assert all(usage["prompt_tokens_details"]["cached_tokens"] > 0 for _, usage in together)
+    assert [text for text, _ in together] == [text for text, _ in alone]
 
 
 def test_sampling_with_a_seed_is_reproducible(real_worker: str) -> None:

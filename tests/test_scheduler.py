@@ -288,6 +288,9 @@ class KeepingBackend(RecordingBackend):
         self.kept.append(("release", slot, keep))
         super().release(slot, keep)
 
+    def copy(self, source: int, target: int) -> None:
+        self.kept.append(("copy", source, target))
+
 
 async def finish(scheduler: BatchScheduler, prompt: list[int]) -> Finished:
     generation = Generation(prompt, SamplingParams(max_tokens=10), asyncio.get_running_loop())
@@ -365,3 +368,24 @@ def test_a_request_that_fails_keeps_nothing_in_its_slot() -> None:
         scheduler.close()
     assert failed.reason == "error"
     assert backend.kept == [("begin", 0, 0), ("release", 0, 0)]
+
+
+def test_a_request_copies_a_shared_prompt_from_a_busy_slot_rather_than_read_it_again() -> None:
+    backend = KeepingBackend()
+    scheduler = BatchScheduler(backend, slots=2, max_queue=4, prefill_chunk=8)
+    system = list(range(100, 120))
+    scheduler.start()
+
+    async def scenario() -> list[Finished]:
+        await finish(scheduler, [*system, 1])
+        # Both arrive at once: one finds the system prompt in slot 0, the other copies it from there.
+        return list(await asyncio.gather(finish(scheduler, [*system, 2]), finish(scheduler, [*system, 3, 3])))
+
+    try:
+        finished = asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert [item.cached_tokens for item in finished] == [16, 16]
+    assert backend.kept[2:5] == [("begin", 0, 16), ("copy", 0, 1), ("begin", 1, 16)]
+    reads = [call for call in backend.calls if any(size > 1 for _, _, size in call)]
+    assert reads[-2:] == [[(0, 16, 5)], [(1, 16, 6)]]  # each read only its own last tokens

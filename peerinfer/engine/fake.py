@@ -61,6 +61,9 @@ class FakeBackend:
         self._prompt[slot] = self._prompt.get(slot, [])[:keep]
         self._reply.pop(slot, None)
 
+    def copy(self, source: int, target: int) -> None:
+        self._prompt[target] = list(self._prompt.get(source, []))
+
 
 class FakeEngine:
     """An ``Engine`` whose replies come from ``responder``; ``token_delay_s`` paces each step."""

@@ -226,6 +226,11 @@ class LlamaBackend:
         if chain is not None:
             lc.llama_sampler_free(chain)
 
+    def copy(self, source: int, target: int) -> None:
+        # Each slot has its own KV stream: llama.cpp copies the whole stream (its cells keep their
+        # places, so attention reads them in the same order), ~38 MB for 2048 cells of this model.
+        lc.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+
     def close(self) -> None:
         for slot in list(self._samplers):
             self.release(slot, 0)

@@ -5,7 +5,8 @@ Each step it:
 
 1. admits waiting requests into free slots, first in first out, each into the free slot that still
    holds the longest part of its prompt (whole chunks of a prompt it read before: a shared system
-   prompt or an earlier turn of a chat is not read again);
+   prompt or an earlier turn of a chat is not read again), or copies that part from another slot
+   that holds more of it;
 2. frees slots whose client went away (within one step, i.e. about one token);
 3. decodes one fixed-size chunk of the oldest unread prompt in a call of its own, then one token
    for every generating slot (including one whose prompt that chunk finished) in one batch, so a
@@ -78,6 +79,9 @@ class DecodeBackend(Protocol):
 
     def release(self, slot: int, keep: int) -> None:
         """Free a slot's sampler and its cache past the first ``keep`` positions."""
+
+    def copy(self, source: int, target: int) -> None:
+        """Make ``target``'s cache a copy of ``source``'s (``begin`` then cuts it)."""
 
 
 @dataclass
@@ -229,6 +233,10 @@ class BatchScheduler:
             kept = self._kept.pop(index, [])
             reuse = reusable_prefix(kept, prompt, self.prefill_chunk) if self.reuse_prompts else 0
             try:
+                donor, more = self._donor(prompt, index) if self.reuse_prompts else (None, 0)
+                if donor is not None and more > reuse:
+                    self.backend.copy(donor, index)
+                    reuse = more
                 reuse = self.backend.begin(index, generation.params, reuse)
             except PeerInferError as exc:
                 self.backend.release(index, 0)
@@ -243,6 +251,26 @@ class BatchScheduler:
                 position=reuse,
                 cached=reuse,
             )
+
+    def _donor(self, prompt: Sequence[int], target: int) -> tuple[int | None, int]:
+        """The other slot, busy or free, whose cache holds the most of ``prompt``, and how much.
+
+        A busy slot offers the whole chunks of its prompt read so far, which are what a fresh read of
+        the same tokens gives (its generated tokens are decoded one by one, with other numbers).
+        """
+        best: tuple[int | None, int] = (None, 0)
+        for index in range(self.slots):
+            if index == target:
+                continue
+            slot = self._active.get(index)
+            if slot is not None:
+                held = slot.generation.prompt_tokens[: slot.prefilled - slot.prefilled % self.prefill_chunk]
+            else:
+                held = self._kept.get(index, [])
+            reuse = reusable_prefix(held, prompt, self.prefill_chunk)
+            if reuse > best[1]:
+                best = (index, reuse)
+        return best
 
     def _reap_cancelled(self) -> None:
         for slot in list(self._active.values()):
