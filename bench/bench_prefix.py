@@ -151,10 +151,10 @@ def table(rows: list[Row]) -> str:
         errors = sum(1 for s in [*row.cold, *row.warm] if s.error is not None)
         counts = [s.prompt_tokens for s in [*row.cold, *row.warm] if s.prompt_tokens is not None]
         lines.append(
-            f"| {row.system} | {row.concurrency} | {statistics.median(counts) if counts else '?'} | "
+            f"| {row.system} | {row.concurrency} | {statistics.median_low(counts) if counts else 'not reported'} | "
             f"{statistics.median(cold):.0f} | {len(warm)} | "
             f"{quantile(warm, 0.5):.0f} | {quantile(warm, 0.9):.0f} | "
-            f"{statistics.median(cached) if cached else 'not reported'} | {errors} |"
+            f"{statistics.median_low(cached) if cached else 'not reported'} | {errors} |"
         )
     return "\n".join(lines)
 
