@@ -37,8 +37,9 @@ class RecordingBackend:
     def is_end(self, token: int) -> bool:
         return token == 0
 
-    def release(self, slot: int, keep: int) -> None:
+    def release(self, slot: int, keep: int) -> int:
         self.replies.pop(slot, None)
+        return keep
 
 
 async def run_all(scheduler: BatchScheduler, prompts: list[list[int]]) -> list[str]:
@@ -284,9 +285,9 @@ class KeepingBackend(RecordingBackend):
         self.spares.append(dict(spare))
         return super().decode(work, spare)
 
-    def release(self, slot: int, keep: int) -> None:
+    def release(self, slot: int, keep: int) -> int:
         self.kept.append(("release", slot, keep))
-        super().release(slot, keep)
+        return super().release(slot, keep)
 
     def copy(self, source: int, target: int) -> None:
         self.kept.append(("copy", source, target))

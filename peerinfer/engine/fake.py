@@ -57,9 +57,10 @@ class FakeBackend:
     def is_end(self, token: int) -> bool:
         return token == END_TOKEN
 
-    def release(self, slot: int, keep: int) -> None:
+    def release(self, slot: int, keep: int) -> int:
         self._prompt[slot] = self._prompt.get(slot, [])[:keep]
         self._reply.pop(slot, None)
+        return keep
 
     def copy(self, source: int, target: int) -> None:
         self._prompt[target] = list(self._prompt.get(source, []))

@@ -219,12 +219,14 @@ class LlamaBackend:
     def is_end(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
 
-    def release(self, slot: int, keep: int) -> None:
+    def release(self, slot: int, keep: int) -> int:
         if not lc.llama_memory_seq_rm(self.memory, slot, keep, -1):
             lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            keep = 0
         chain = self._samplers.pop(slot, None)
         if chain is not None:
             lc.llama_sampler_free(chain)
+        return keep
 
     def copy(self, source: int, target: int) -> None:
         # Each slot has its own KV stream: llama.cpp copies the whole stream (its cells keep their

@@ -77,8 +77,8 @@ class DecodeBackend(Protocol):
 
     def is_end(self, token: int) -> bool: ...
 
-    def release(self, slot: int, keep: int) -> None:
-        """Free a slot's sampler and its cache past the first ``keep`` positions."""
+    def release(self, slot: int, keep: int) -> int:
+        """Free a slot's sampler and its cache past the first ``keep`` positions; returns how many it kept."""
 
     def copy(self, source: int, target: int) -> None:
         """Make ``target``'s cache a copy of ``source``'s (``begin`` then cuts it)."""
@@ -369,7 +369,7 @@ class BatchScheduler:
         self._emit(slot.generation, Finished(reason, len(prompt), slot.generated, error, cached_tokens=slot.cached))
         # Whole chunks of the prompt, read as a fresh read would: after an error, nothing.
         keep = slot.prefilled - slot.prefilled % self.prefill_chunk if self.reuse_prompts and error is None else 0
-        self.backend.release(slot.index, keep)
+        keep = self.backend.release(slot.index, keep)
         with self._cond:
             del self._active[slot.index]
         if keep:
