@@ -103,6 +103,30 @@ def test_worker_killed_mid_stream_resumes_without_gap_or_repeat(cluster: Cluster
     assert stream.stats is not None and stream.stats.finish_reason == "stop"
 
 
+def test_the_next_turn_of_a_chat_goes_back_to_the_peer_that_answered_the_last_one(cluster: Cluster) -> None:
+    workers = [cluster.spawn("story"), cluster.spawn("story")]
+    with cluster.client() as client:
+        cluster.wait_for(client, 2)
+        first_peers, next_peers, follow_ups = [], [], []
+        for number in range(8):  # without affinity, each next turn would go to either peer
+            history = [{"role": "user", "content": f"conversation {number}"}]
+            stream = client.chat_stream(history, max_tokens=50)
+            answer = "".join(stream)
+            first_peers.append(stream.peer_url)
+            follow_ups.append([*history, {"role": "assistant", "content": answer}, {"role": "user", "content": "more"}])
+            follow_up = client.chat_stream(follow_ups[-1], max_tokens=50)
+            assert "".join(follow_up)
+            next_peers.append(follow_up.peer_url)
+        assert next_peers == first_peers
+        assert set(first_peers) == {worker.url for worker in workers}  # the first turns were spread as usual
+        # A conversation whose peer is gone moves on to the other one.
+        gone, survivor = workers
+        gone.kill()
+        stream = client.chat_stream(follow_ups[first_peers.index(gone.url)], max_tokens=50)
+        assert "".join(stream)
+        assert stream.peer_url == survivor.url
+
+
 def test_killed_worker_leaves_the_peer_list_within_the_record_lifetime(cluster: Cluster) -> None:
     lifetime = 3.0
     stays = cluster.spawn("story", lifetime_s=lifetime)

@@ -12,6 +12,8 @@ from peerinfer.client.routing import (
     Probe,
     candidates_to_probe,
     choose_peer,
+    choose_with_affinity,
+    conversation_key,
     estimate_ttft_s,
     failure_action,
     remaining_tokens,
@@ -143,3 +145,24 @@ def test_resume_messages() -> None:
     prefilled = [*asked, {"role": "assistant", "content": "Sure: "}]
     assert resume_messages(prefilled, "Hel", continuing=True)[-1] == {"role": "assistant", "content": "Sure: Hel"}
     assert asked[-1] == {"role": "user", "content": "hi"}  # the caller's list is left alone
+
+
+def test_a_conversation_goes_back_to_its_peer_while_that_peer_has_a_free_slot() -> None:
+    peers = [probe("a"), probe("b"), probe("c")]
+    rng = random.Random(5)
+    assert {choose_with_affinity(peers, "b", rng, choose_peer).peer_id for _ in range(50)} == {"b"}
+    full = [probe("a"), probe("b", free=0, queue=0), probe("c")]
+    assert "b" not in {choose_with_affinity(full, "b", rng, choose_peer).peer_id for _ in range(50)}
+    # No preference, or a preferred peer that was not probed: the usual choice.
+    assert {choose_with_affinity(peers, None, rng, choose_peer).peer_id for _ in range(50)} == {"a", "b", "c"}
+    assert choose_with_affinity(peers[:1], "z", rng, choose_peer).peer_id == "a"
+
+
+def test_conversation_key_is_the_same_for_the_same_turns_only() -> None:
+    history = [{"role": "user", "content": "namaste"}, {"role": "assistant", "content": "Namaste! How can I help?"}]
+    assert conversation_key(history) == conversation_key([dict(turn) for turn in history])
+    assert conversation_key(history) != conversation_key(history[:1])
+    assert conversation_key(history) != conversation_key([*history[:1], {"role": "assistant", "content": "Hi"}])
+    # The answer a client remembers a peer by is the history the next turn sends.
+    answered = resume_messages(history[:1], "Namaste! How can I help?", False)
+    assert conversation_key(answered) == conversation_key(history)

@@ -6,6 +6,9 @@
         print(delta, end="", flush=True)
     print(stream.stats, stream.switches)
 
+A chat turn goes back to the peer that answered the conversation's last turn when that peer has
+a free slot, since it can reuse the conversation's prompt from its cache.
+
 Per request: at most one DHT lookup (none while the last one is younger than ``lookup_ttl_s``),
 ``probe_count`` health probes in parallel, a signed-nonce check the first time a peer is used,
 then the request. Before the first token a failing peer is replaced at once; after it, the answer
@@ -18,6 +21,7 @@ import logging
 import random
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +34,8 @@ from peerinfer.client.routing import (
     Probe,
     candidates_to_probe,
     choose_peer,
+    choose_with_affinity,
+    conversation_key,
     failure_action,
     remaining_tokens,
     resume_messages,
@@ -38,11 +44,12 @@ from peerinfer.client.sdk import Message, PeerInferClient, StreamStats, TextStre
 from peerinfer.errors import ClientError, NoPeersError
 from peerinfer.network.addresses import dht_bind_host, parse_bootstrap
 from peerinfer.network.discovery import Discovery, Lookup
-from peerinfer.network.identity import b64
+from peerinfer.network.identity import PeerId, b64
 from peerinfer.network.records import PeerRecord, verify_challenge
 
 log = logging.getLogger(__name__)
 Chooser = Callable[[Sequence[Probe], random.Random], Probe]
+AFFINITY_ENTRIES = 1024  # conversations remembered, least recently used forgotten first
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class RoutedClient:
         self._looked_up_at = 0.0
         self._verified: set[tuple[str, str]] = set()
         self._clients: dict[str, PeerInferClient] = {}
+        self._affinity: OrderedDict[str, str] = OrderedDict()  # conversation key -> peer that answered it
         self.lookups = 0
 
     # --- discovery and choice -------------------------------------------------------------
@@ -158,8 +166,8 @@ class RoutedClient:
             log.warning("peer %s at %s cannot prove it holds its record's key; not using it", record.peer_id, url)
         return ok
 
-    def pick(self, exclude: set[str]) -> tuple[PeerRecord, Probe]:
-        """Probe a few candidates and choose one that proves its identity."""
+    def pick(self, exclude: set[str], prefer: str | None = None) -> tuple[PeerRecord, Probe]:
+        """Probe a few candidates (and ``prefer``, if it is listed) and choose one that proves its identity."""
         for fresh in (False, True):
             records = {record.peer_id: record for record in self.peers(fresh=fresh)}
             skip = exclude | self.bans.banned(time.monotonic())
@@ -167,6 +175,9 @@ class RoutedClient:
                 candidates = candidates_to_probe(list(records.values()), skip, self.probe_count, self.rng)
                 if not candidates:
                     break
+                wanted = records.get(PeerId(prefer)) if prefer is not None and prefer not in skip else None
+                if wanted is not None and wanted not in candidates:
+                    candidates.append(wanted)
                 with ThreadPoolExecutor(max_workers=len(candidates)) as pool:
                     probes = [probe for probe in pool.map(self.probe, candidates) if probe is not None]
                 failed = {record.peer_id for record in candidates} - {probe.peer_id for probe in probes}
@@ -174,7 +185,7 @@ class RoutedClient:
                     self.bans.fail(peer, time.monotonic())
                 skip |= failed
                 while probes:
-                    chosen = self.chooser(probes, self.rng)
+                    chosen = choose_with_affinity(probes, prefer, self.rng, self.chooser)
                     if self.holds_key(records[chosen.peer_id]):
                         return records[chosen.peer_id], chosen
                     self.bans.fail(chosen.peer_id, time.monotonic())
@@ -202,7 +213,25 @@ class RoutedClient:
             resumed["continue_final_message"] = True
             return client.chat_stream(resume_messages(messages, partial, continuing), **resumed)
 
-        return RoutedStream(self, start)
+        def answered(peer_id: str, answer: str) -> None:
+            # The next turn's history is this conversation with the answer appended (or extended).
+            self._remember(conversation_key(resume_messages(messages, answer, continuing)), peer_id)
+
+        return RoutedStream(self, start, prefer=self._peer_of(messages), answered=answered)
+
+    def _peer_of(self, messages: list[Message]) -> str | None:
+        """The peer that answered the longest earlier part of this conversation (its history and that answer)."""
+        for end in range(len(messages) - 1, 0, -1):
+            peer = self._affinity.get(conversation_key(messages[:end]))
+            if peer is not None:
+                return peer
+        return None
+
+    def _remember(self, key: str, peer_id: str) -> None:
+        self._affinity[key] = peer_id
+        self._affinity.move_to_end(key)
+        while len(self._affinity) > AFFINITY_ENTRIES:
+            self._affinity.popitem(last=False)
 
     def completion_stream(self, prompt: str, **params: Any) -> RoutedStream:
         def start(client: PeerInferClient, partial: str, deltas: int) -> TextStream:
@@ -236,16 +265,24 @@ class RoutedStream:
     covers the whole answer once it is complete.
     """
 
-    def __init__(self, client: RoutedClient, start: Callable[[PeerInferClient, str, int], TextStream]) -> None:
+    def __init__(
+        self,
+        client: RoutedClient,
+        start: Callable[[PeerInferClient, str, int], TextStream],
+        prefer: str | None = None,
+        answered: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._client = client
         self._start = start
+        self._prefer = prefer  # the peer to try first, if it has a free slot
+        self._answered = answered  # told which peer finished the answer, and the whole answer
         self.peer_url: str | None = None
         self.switches: list[Switch] = []
         self.attempts = 0
         self.stats: StreamStats | None = None
 
     def _switch(self, reason: str, partial: str, exclude: set[str]) -> tuple[PeerRecord, Probe]:
-        record, probe = self._client.pick(exclude)
+        record, probe = self._client.pick(exclude, self._prefer if self.peer_url is None else None)
         if self.peer_url is not None:
             switch = Switch(self.peer_url, probe.url, reason, len(partial))
             self.switches.append(switch)
@@ -288,6 +325,8 @@ class RoutedStream:
                 continue
             client.bans.succeed(record.peer_id)
             self.stats = _combined_stats(stream.stats, started, first, deltas, earlier)
+            if self._answered is not None:
+                self._answered(record.peer_id, partial)
             return
 
 
