@@ -4,9 +4,9 @@
     .venv/bin/python bench/bench_prefix.py --quick          # fewer requests, prints only
 
 Each round starts every server fresh and sends, per concurrency level, requests that share a system
-prompt of ~600 tokens and differ in their last line. The first request of a round reads the whole
-prompt; the rest may find it in the server's cache. Same model, threads, context per stream and
-prompts for every server, one server at a time on the machine.
+prompt of ~1370 tokens (Gemma 3) and differ in their last line. The first request of a round reads
+the whole prompt; the rest may find it in the server's cache. Same model, threads, context per
+stream and prompts for every server, one server at a time on the machine.
 """
 
 from __future__ import annotations
