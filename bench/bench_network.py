@@ -12,7 +12,8 @@ Everything runs on 127.0.0.1: one bootstrap DHT node and real-model workers, eac
   cold one (DHT join, lookup, probes, signed-nonce check, then the request).
 - recovery: a worker is killed with -9 while it serves the request, before its first token
   (during prefill of a long prompt) or after 20 streamed tokens; the time from the kill to the next
-  token, which comes from the other worker.
+  token, which comes from the other worker. Every long prompt is new to the workers, so none of it
+  is reused from a slot's cache.
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ from peerinfer.network.dht import DhtNode  # noqa: E402
 
 NET = 0x42454E43  # "BENC"
 QUESTION = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-LONG = [{"role": "user", "content": "Summarise this text. " + "The lighthouse stood on the rocks by the sea. " * 40}]
+
+
+def long_prompt(number: int) -> list[dict[str, str]]:
+    """About 420 tokens, different from its first line on: no worker holds any of it (prefix reuse)."""
+    text = f"Text {number}. Summarise it. " + "The lighthouse stood on the rocks by the sea. " * 40
+    return [{"role": "user", "content": text}]
 
 
 def free_port() -> int:
@@ -143,13 +149,14 @@ def main() -> int:
             direct.chat(QUESTION, max_tokens=1)
             with RoutedClient(bootstrap, network_id=NET, probe_count=2, lookup_ttl_s=60) as warm:
                 warm.chat(QUESTION, max_tokens=1)
-                for _ in range(args.reps):  # interleaved, so load drift hits both alike
+                for rep in range(args.reps):  # interleaved, so load drift hits both alike
                     rows["direct"].append(ttft(lambda: direct.chat_stream(QUESTION, max_tokens=8, temperature=0)))
                     rows["warm"].append(ttft(lambda: warm.chat_stream(QUESTION, max_tokens=8, temperature=0)))
                     started = time.perf_counter()
                     warm.pick(set())
                     rows["pick"].append(time.perf_counter() - started)
-                    rows["long"].append(ttft(lambda: direct.chat_stream(LONG, max_tokens=8, temperature=0)))
+                    prompt = long_prompt(rep)
+                    rows["long"].append(ttft(lambda p=prompt: direct.chat_stream(p, max_tokens=8, temperature=0)))
             for _ in range(args.reps):
                 started = time.perf_counter()
                 with RoutedClient(bootstrap, network_id=NET, probe_count=2) as cold:
@@ -158,8 +165,9 @@ def main() -> int:
                     for _ in cold.chat_stream(QUESTION, max_tokens=8, temperature=0):
                         rows["cold"].append(time.perf_counter() - started)
                         break
-            for case, messages, after in (("before", LONG, 0), ("after", QUESTION, 20)):
-                for _ in range(args.reps):
+            for case, after in (("before", 0), ("after", 20)):
+                for rep in range(args.reps):
+                    messages = long_prompt(1000 + rep) if case == "before" else QUESTION
                     with RoutedClient(bootstrap, network_id=NET, probe_count=2, lookup_ttl_s=60) as client:
                         client.peers()
                         rows[case].append(recovery(client, workers, messages, after))
@@ -183,7 +191,7 @@ def main() -> int:
         "cold": "TTFT, routed, cold client (DHT join + lookup + probes + nonce + request)",
         "pick": "choosing a peer alone, warm client (2 health probes in parallel)",
         "join": "choosing a peer alone, cold client (DHT join + lookup + probes + nonce check)",
-        "long": "TTFT, direct, the 420-token prompt used below (reference: its prefill)",
+        "long": "TTFT, direct, a 420-token prompt like those used below (reference: its prefill)",
         "before": "recovery, worker killed before first token (kill → first token elsewhere)",
         "after": "recovery, worker killed after 20 tokens (kill → next token elsewhere)",
     }
