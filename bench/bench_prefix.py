@@ -12,7 +12,6 @@ stream and prompts for every server, one server at a time on the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -22,13 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import REPO, free_port, serve, servers, write_results
+from bench_serving import REPO, free_port, serve, servers, stream_completion, write_results
 
 sys.path.insert(0, str(REPO))
-from peerinfer.client.sse_parser import SSEParser
 from peerinfer.engine.model_files import open_model_file
 
 RULES = [
@@ -80,39 +76,15 @@ class Row:
 
 
 def ask(url: str, question: str, max_tokens: int) -> Sample:
-    body = {
-        "prompt": f"{SYSTEM}\nQ: {question}\nA:",
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    started = time.perf_counter()
-    first: float | None = None
-    cached: int | None = None
-    prompt_tokens: int | None = None
-    try:
-        with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600) as response:
-            if response.status_code != 200:
-                return Sample(0, None, None, f"HTTP {response.status_code}")
-            parser = SSEParser()
-            for chunk in response.iter_content(chunk_size=None):
-                for event in parser.feed(chunk):
-                    if event.data == "[DONE]":
-                        continue
-                    payload = json.loads(event.data)
-                    usage = payload.get("usage") or {}
-                    prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
-                    details = usage.get("prompt_tokens_details") or {}
-                    if "cached_tokens" in details:
-                        cached = int(details["cached_tokens"])
-                    if first is None and any(choice.get("text") for choice in payload.get("choices") or []):
-                        first = time.perf_counter()
-    except requests.RequestException as exc:
-        return Sample(0, None, None, type(exc).__name__)
-    if first is None:
+    streamed = stream_completion(url, f"{SYSTEM}\nQ: {question}\nA:", max_tokens)
+    if streamed.error is not None:
+        return Sample(0, None, None, streamed.error)
+    details = streamed.usage.get("prompt_tokens_details") or {}
+    cached = int(details["cached_tokens"]) if "cached_tokens" in details else None
+    prompt_tokens = streamed.usage.get("prompt_tokens")
+    if streamed.first_s is None:
         return Sample(0, cached, prompt_tokens, "no tokens")
-    return Sample(first - started, cached, prompt_tokens)
+    return Sample(streamed.first_s, cached, prompt_tokens)
 
 
 def run_level(row: Row, url: str, concurrency: int, waves: int, max_tokens: int) -> None:

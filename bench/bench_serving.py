@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -98,7 +99,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def stream_request(url: str, prompt: str, max_tokens: int) -> Sample:
+@dataclass
+class Streamed:
+    """One streamed completion as the client saw it."""
+
+    first_s: float | None  # from sending to the first text; None if no text came
+    total_s: float
+    text_events: int
+    usage: dict[str, Any]  # the server's last usage object ({} if it sent none)
+    error: str | None = None
+
+
+def stream_completion(url: str, prompt: str, max_tokens: int) -> Streamed:
+    """POST a streamed, greedy ``/v1/completions`` request and read it to the end."""
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -108,12 +121,12 @@ def stream_request(url: str, prompt: str, max_tokens: int) -> Sample:
     }
     started = time.perf_counter()
     first: float | None = None
-    usage_tokens: int | None = None
+    usage: dict[str, Any] = {}
     events = 0
     try:
         with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600) as response:
             if response.status_code != 200:
-                return Sample(0, 0, 0, f"HTTP {response.status_code}")
+                return Streamed(None, 0, 0, {}, f"HTTP {response.status_code}")
             parser = SSEParser()
             for chunk in response.iter_content(chunk_size=None):
                 for event in parser.feed(chunk):
@@ -121,18 +134,26 @@ def stream_request(url: str, prompt: str, max_tokens: int) -> Sample:
                         continue
                     payload = json.loads(event.data)
                     if payload.get("usage"):
-                        usage_tokens = payload["usage"]["completion_tokens"]
+                        usage = payload["usage"]
                     for choice in payload.get("choices") or []:
                         if choice.get("text"):
                             events += 1
                             if first is None:
                                 first = time.perf_counter()
     except requests.RequestException as exc:
-        return Sample(0, 0, 0, type(exc).__name__)
+        return Streamed(None, 0, 0, {}, type(exc).__name__)
     total = time.perf_counter() - started
-    if first is None:
-        return Sample(0, total, 0, "no tokens")
-    return Sample(first - started, total, usage_tokens if usage_tokens is not None else events)
+    return Streamed(None if first is None else first - started, total, events, usage)
+
+
+def stream_request(url: str, prompt: str, max_tokens: int) -> Sample:
+    streamed = stream_completion(url, prompt, max_tokens)
+    if streamed.error is not None:
+        return Sample(0, 0, 0, streamed.error)
+    if streamed.first_s is None:
+        return Sample(0, streamed.total_s, 0, "no tokens")
+    tokens = streamed.usage.get("completion_tokens")
+    return Sample(streamed.first_s, streamed.total_s, tokens if tokens is not None else streamed.text_events)
 
 
 def run_level(system: str, url: str, concurrency: int, requests_per_client: int, max_tokens: int) -> Row:
