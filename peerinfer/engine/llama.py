@@ -107,10 +107,15 @@ class LlamaBackend:
                 return list(buffer[:count])
             capacity = -count
 
+    def _cut(self, slot: int, keep: int) -> int:
+        """Forget a slot's cache past its first ``keep`` positions; all of it if llama.cpp cannot cut there."""
+        if lc.llama_memory_seq_rm(self.memory, slot, keep, -1):
+            return keep
+        lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        return 0
+
     def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
-        if not lc.llama_memory_seq_rm(self.memory, slot, keep, -1):
-            lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
-            keep = 0
+        keep = self._cut(slot, keep)
         if params.temperature <= 0:
             self._samplers[slot] = None  # greedy: an argmax over llama.cpp's own logits row
             return keep
@@ -220,9 +225,7 @@ class LlamaBackend:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
 
     def release(self, slot: int, keep: int) -> int:
-        if not lc.llama_memory_seq_rm(self.memory, slot, keep, -1):
-            lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
-            keep = 0
+        keep = self._cut(slot, keep)
         chain = self._samplers.pop(slot, None)
         if chain is not None:
             lc.llama_sampler_free(chain)

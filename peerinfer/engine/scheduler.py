@@ -264,13 +264,17 @@ class BatchScheduler:
                 continue
             slot = self._active.get(index)
             if slot is not None:
-                held = slot.generation.prompt_tokens[: slot.prefilled - slot.prefilled % self.prefill_chunk]
+                held = slot.generation.prompt_tokens[: self._whole_chunks(slot.prefilled)]
             else:
                 held = self._kept.get(index, [])
             reuse = reusable_prefix(held, prompt, self.prefill_chunk)
             if reuse > best[1]:
                 best = (index, reuse)
         return best
+
+    def _whole_chunks(self, tokens: int) -> int:
+        """The part of ``tokens`` prompt tokens read in whole chunks, as a fresh read cuts them."""
+        return tokens - tokens % self.prefill_chunk
 
     def _reap_cancelled(self) -> None:
         for slot in list(self._active.values()):
@@ -368,7 +372,7 @@ class BatchScheduler:
         prompt = slot.generation.prompt_tokens
         self._emit(slot.generation, Finished(reason, len(prompt), slot.generated, error, cached_tokens=slot.cached))
         # Whole chunks of the prompt, read as a fresh read would: after an error, nothing.
-        keep = slot.prefilled - slot.prefilled % self.prefill_chunk if self.reuse_prompts and error is None else 0
+        keep = self._whole_chunks(slot.prefilled) if self.reuse_prompts and error is None else 0
         keep = self.backend.release(slot.index, keep)
         with self._cond:
             del self._active[slot.index]
