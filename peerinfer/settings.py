@@ -65,6 +65,14 @@ class WorkerSettings(NetworkSettings):
             "the same way to that slot: only the rest is read. The text is the same as with a fresh read."
         ),
     )
+    output_head: bool = Field(
+        default=True,
+        description=(
+            "Compute the model's output product (hidden state -> logits) with peerinfer's own kernel when the "
+            "output weights are q8_0 and the CPU has AVX2: one pass over the weights for all rows of a step. "
+            "Checked at load to give llama.cpp's logits bit for bit; llama.cpp's is used otherwise."
+        ),
+    )
     batch_invariant: bool = Field(
         default=True,
         description=(

@@ -45,6 +45,20 @@ if [ "$(cat "$marker" 2>/dev/null)" != "$key" ]; then
 fi
 
 "${pip[@]}" install -r requirements.txt
+
+# peerinfer's output head (peerinfer/engine/output_head.c, one C file): rebuilt when the source is newer.
+# Without it the worker runs, with llama.cpp's slower output product (the log says which one it uses).
+head_source=peerinfer/engine/output_head.c
+head_library=peerinfer/engine/_output_head.so
+if [ ! -f "$head_library" ] || [ "$head_source" -nt "$head_library" ]; then
+  compiler="${CC:-cc}"
+  if "$compiler" -O3 -ffp-contract=off -fPIC -shared -fopenmp "$head_source" -o "$head_library.tmp"; then
+    mv "$head_library.tmp" "$head_library"
+  else
+    rm -f "$head_library.tmp"
+    echo "setup: could not build $head_library with $compiler; the worker will use llama.cpp's output product" >&2
+  fi
+fi
 if [ "$want_dev" = 1 ]; then
   "${pip[@]}" install -r requirements-dev.txt
 fi

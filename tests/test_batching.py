@@ -9,6 +9,7 @@ from peerinfer.engine.batching import (
     choose_pad_slot,
     choose_slot,
     fillers,
+    outputs_in_batch_order,
     reusable_prefix,
     rows_to_pad,
     sequence_runs,
@@ -95,3 +96,13 @@ def test_choose_slot_prefers_the_longest_reuse_then_the_least_kept_then_the_lowe
     # Nothing to reuse: the empty slot 2, so that what slots 0, 1 and 3 hold stays for later.
     assert choose_slot([0, 1, 2, 3], kept, [1, 2, 3], chunk=8) == 2
     assert choose_slot([2, 4], {}, [1, 2, 3], chunk=8) == 2
+
+
+@pytest.mark.parametrize(
+    ("tokens_per_sequence", "in_order"),
+    [([64], True), ([1, 1, 1, 1], True), ([1], True), ([1, 1, 1], True), ([2, 2], False), ([1, 3], False)],
+)
+def test_outputs_are_in_batch_order_for_one_sequence_or_one_token_each(
+    tokens_per_sequence: list[int], in_order: bool
+) -> None:
+    assert outputs_in_batch_order(tokens_per_sequence) is in_order

@@ -13,7 +13,8 @@ matrix is Q8_0) shape these rules:
 
 Whether padding pays depends on the CPU and the model (a Q6_K output matrix, or AVX-512 or ARM
 kernels, have no such step), so the engine measures it once at load; ``rows_to_pad`` decides from
-those measurements.
+those measurements. peerinfer's own output head (``output_head.c``) has no such step either: with
+it, the measurements find nothing to pad.
 """
 
 from __future__ import annotations
@@ -104,3 +105,14 @@ def choose_pad_slot(rows: Sequence[int], free: Iterable[int]) -> int | None:
     before = sequence_runs(rows)
     best = min(candidates, key=lambda slot: (sequence_runs([*rows, slot]), slot))
     return best if sequence_runs([*rows, best]) <= before else None
+
+
+def outputs_in_batch_order(tokens_per_sequence: Sequence[int]) -> bool:
+    """Whether llama.cpp computes a call's output rows in the batch's own order.
+
+    It cuts a call into parts with the same number of tokens per sequence: with one sequence, or one
+    token per sequence (slots in order), the parts follow the batch. Two sequences of 2 tokens each
+    are computed token by token across them, out of batch order. peerinfer's output head writes
+    logits in computed order, so it takes only calls for which the two agree.
+    """
+    return len(tokens_per_sequence) == 1 or all(count == 1 for count in tokens_per_sequence)

@@ -13,14 +13,16 @@ import math
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import llama_cpp as lc
 import numpy as np
 
 from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingParams
-from peerinfer.engine.batching import fillers, rows_to_pad
+from peerinfer.engine.batching import fillers, outputs_in_batch_order, rows_to_pad
 from peerinfer.engine.model_files import ModelFile, open_model_file
+from peerinfer.engine.output_head import CAPTURE, OFF, SKIP, HeadUnavailable, OutputHead, open_head
 from peerinfer.engine.scheduler import BatchScheduler, SlotWork
 from peerinfer.errors import EngineError
 from peerinfer.settings import WorkerSettings
@@ -33,6 +35,12 @@ _llama_log = logging.getLogger("peerinfer.llama_cpp")
 @lc.llama_log_callback  # type: ignore[untyped-decorator]
 def _forward_llama_log(level: int, text: bytes, user_data: Any) -> None:
     _llama_log.debug("%s", text.decode("utf-8", "replace").rstrip())
+
+
+def _ggml_base_library() -> Path:
+    # llama_cpp loads its libraries from one folder (LLAMA_CPP_LIB_PATH or its own lib/)
+    folder = Path(getattr(lc.llama_cpp, "_base_path", Path(lc.__file__).parent / "lib"))
+    return folder / "libggml-base.so"
 
 
 def _token_text(vocab: Any, token: int) -> str:
@@ -58,10 +66,28 @@ class LlamaBackend:
                 "architecture this llama.cpp build does not know"
             )
         self.model = model
+        self.vocab = lc.llama_model_get_vocab(model)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        self.slots = settings.slots
+        max_rows = max(settings.prefill_chunk, settings.slots)
+        self._head: OutputHead | None = None
+        self.head_status = "off (PEERINFER_OUTPUT_HEAD=false)"
+        if settings.output_head:
+            try:
+                self._head = open_head(
+                    model_file.path,
+                    _ggml_base_library(),
+                    self.n_vocab,
+                    int(lc.llama_model_n_embd(model)),
+                    max_rows,
+                    settings.n_threads,
+                )
+            except HeadUnavailable as exc:
+                self.head_status = f"llama.cpp's: {exc}"
         ctx_params = lc.llama_context_default_params()
         ctx_params.n_ctx = settings.n_ctx * settings.slots
-        ctx_params.n_batch = max(settings.prefill_chunk, settings.slots)
-        ctx_params.n_ubatch = max(settings.prefill_chunk, settings.slots)
+        ctx_params.n_batch = max_rows
+        ctx_params.n_ubatch = max_rows
         ctx_params.n_seq_max = settings.slots
         ctx_params.n_threads = settings.n_threads
         ctx_params.n_threads_batch = settings.n_threads
@@ -74,22 +100,26 @@ class LlamaBackend:
             # same, but long prompts read ~15% slower (no tiled kernel for them either).
             ctx_params.type_k = ctx_params.type_v = _GGML_TYPE_BF16
         ctx_params.no_perf = True
+        if self._head is not None:
+            self._eval_callback = lc.ggml_backend_sched_eval_callback(self._head.eval_address)
+            ctx_params.cb_eval = self._eval_callback
+            ctx_params.cb_eval_user_data = ctypes.c_void_p(self._head.capture_address)
         ctx = lc.llama_init_from_model(model, ctx_params)
         if not ctx:
+            if self._head is not None:
+                self._head.close()
             lc.llama_model_free(model)
             raise EngineError(
                 f"llama.cpp could not create a context of {settings.n_ctx} tokens x {settings.slots} slots; "
                 "lower PEERINFER_N_CTX or PEERINFER_SLOTS"
             )
         self.ctx = ctx
-        self.vocab = lc.llama_model_get_vocab(model)
         self.memory = lc.llama_get_memory(ctx)
         self.n_ctx_per_slot = int(lc.llama_n_ctx_seq(ctx))
-        self.batch = lc.llama_batch_init(max(settings.prefill_chunk, settings.slots), 0, 1)
-        self.slots = settings.slots
+        self.batch = lc.llama_batch_init(max_rows, 0, 1)
         self._samplers: dict[int, Any] = {}  # one entry per slot in use (None: greedy)
         self._pad_rows: frozenset[int] = frozenset()
-        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        self._head_on = False  # set by calibrate once the head's logits match llama.cpp's
         self._pieces: dict[int, bytes] = {}
         template = lc.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8", "replace") if template else None
@@ -135,8 +165,7 @@ class LlamaBackend:
     def _sample(self, slot: int, index: int) -> int:
         chain = self._samplers[slot]
         if chain is None:
-            row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
-            return int(row.argmax())
+            return int(self.logits(index).argmax())
         return int(lc.llama_sampler_sample(chain, self.ctx, index))
 
     def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
@@ -170,6 +199,12 @@ class LlamaBackend:
         """
         self._decode([SlotWork(0, [self._pad_token], 0, True)])  # the first call allocates
         lc.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        if self._head is not None:
+            problem = self._check_head(self._head)
+            self._head_on = problem is None
+            self.head_status = "peerinfer's (its logits matched llama.cpp's bit for bit at load)"
+            if problem is not None:
+                self.head_status = f"llama.cpp's: peerinfer's was checked at load and {problem}"
         step_ms: dict[int, float] = {}
         for rows in range(1, self.slots + 1):
             work = [SlotWork(slot, [self._pad_token], 0, True) for slot in range(rows)]
@@ -184,8 +219,12 @@ class LlamaBackend:
         self._pad_rows = rows_to_pad(step_ms)
         return step_ms
 
-    def _decode(self, work: Sequence[SlotWork]) -> list[tuple[int, int]]:
-        """One ``llama_decode``; returns (slot, batch index) of each row that asked for logits."""
+    def _decode(self, work: Sequence[SlotWork], head_mode: int | None = None) -> list[tuple[int, int]]:
+        """One ``llama_decode``; returns (slot, batch index) of each row that asked for logits.
+
+        The output head computes the logits when it is on and the call's outputs come in batch order;
+        ``head_mode`` overrides that choice (the load check).
+        """
         batch = self.batch
         outputs: list[tuple[int, int]] = []
         count = 0
@@ -202,10 +241,44 @@ class LlamaBackend:
                     outputs.append((item.slot, count))
                 count += 1
         batch.n_tokens = count
+        head = self._head
+        if head_mode is None:
+            in_order = outputs_in_batch_order([len(item.tokens) for item in work])
+            head_mode = SKIP if self._head_on and outputs and in_order else OFF
+        if head is not None:
+            head.arm(head_mode)
         status = lc.llama_decode(self.ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status} on a batch of {count} tokens")
+        if head is not None and head_mode == SKIP:
+            # llama.cpp stopped before its output product; its logits rows are ours to fill
+            head.write_logits([self._logits_address(index) for _, index in outputs])
         return outputs
+
+    def logits(self, index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """The logits row of batch row ``index`` of the last call: a view into llama.cpp's buffer."""
+        return np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+
+    def _logits_address(self, index: int) -> int:
+        return ctypes.cast(lc.llama_get_logits_ith(self.ctx, index), ctypes.c_void_p).value or 0
+
+    def _check_head(self, head: OutputHead) -> str | None:
+        """Decode 1 to ``slots`` rows of different tokens with llama.cpp's product, and compare the head's.
+
+        Returns None when every logit is bit for bit the same, else what differed.
+        """
+        for rows in range(1, self.slots + 1):
+            work = [SlotWork(slot, [7919 * (slot + 1) % self.n_vocab], 0, True) for slot in range(rows)]
+            outputs = self._decode(work, head_mode=CAPTURE)
+            theirs = np.stack([self.logits(index) for _, index in outputs])
+            ours = np.zeros_like(theirs)
+            head.write_logits([ours[row].ctypes.data for row in range(rows)])
+            for slot in range(rows):
+                lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            if not np.array_equal(ours, theirs):
+                gap = float(np.abs(ours - theirs).max())
+                return f"its logits differ from llama.cpp's by up to {gap:.3g} with {rows} rows"
+        return None
 
     def piece(self, token: int) -> bytes:
         cached = self._pieces.get(token)
@@ -241,6 +314,8 @@ class LlamaBackend:
             self.release(slot, 0)
         lc.llama_batch_free(self.batch)
         lc.llama_free(self.ctx)
+        if self._head is not None:
+            self._head.close()
         lc.llama_model_free(self.model)
 
 
@@ -299,9 +374,10 @@ class LlamaEngine:
         self._scheduler = scheduler
         padded = sorted(backend.pad_rows)
         log.info(
-            "decode step by rows: %s ms%s",
+            "decode step by rows: %s ms%s; output product: %s",
             ", ".join(f"{rows}: {ms:.1f}" for rows, ms in step_ms.items()),
             f"; steps of {padded} rows get a throw-away row in a free slot (cheaper)" if padded else "",
+            backend.head_status,
         )
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:

@@ -1,0 +1,138 @@
+"""The seam to ``output_head.c``: the model's output product (hidden state -> logits) done by peerinfer.
+
+``scripts/setup.sh`` compiles the C file into ``_output_head.so`` next to this module. Where that
+library, the CPU (AVX2, FMA, F16C) or the model (q8_0 output weights) does not allow it, ``open_head``
+says why and the worker lets llama.cpp compute the product as before.
+
+The weights are read through our own ``mmap`` of the model file; the kernel only reads them, so the
+pages are the ones llama.cpp's mapping already holds in the page cache (shared, not copied). Tools
+that add up RSS count them twice; PSS does not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from collections.abc import Sequence
+from pathlib import Path
+
+from peerinfer.engine.gguf import GGML_TYPE_Q8_0, Q8_0_BLOCK, Q8_0_BLOCK_BYTES, output_weight, read_header
+from peerinfer.errors import EngineError, ModelFileError
+
+LIBRARY = Path(__file__).with_name("_output_head.so")
+
+OFF, SKIP, CAPTURE = 0, 1, 2  # po_capture.mode
+
+
+class _Capture(ctypes.Structure):
+    _fields_ = [
+        ("mode", ctypes.c_int32),
+        ("n_embd", ctypes.c_int32),
+        ("max_rows", ctypes.c_int32),
+        ("rows", ctypes.c_int32),
+        ("overflow", ctypes.c_int32),
+        ("hidden", ctypes.POINTER(ctypes.c_float)),
+    ]
+
+
+class HeadUnavailable(Exception):
+    """Why the output head cannot be used here; the worker then keeps llama.cpp's product."""
+
+
+class OutputHead:
+    """Captures the hidden rows of each decode (through llama.cpp's eval callback) and computes their logits."""
+
+    def __init__(
+        self,
+        library: ctypes.CDLL,
+        model: mmap.mmap,
+        offset: int,
+        n_vocab: int,
+        n_embd: int,
+        max_rows: int,
+        threads: int,
+    ) -> None:
+        self._library = library
+        self._model = model
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(model, offset)  # keeps the mapping open
+        self._weights = ctypes.c_void_p(ctypes.addressof(self._anchor))
+        self.n_vocab = n_vocab
+        self.n_embd = n_embd
+        self._threads = threads
+        self._hidden = (ctypes.c_float * (max_rows * n_embd))()
+        self._capture = _Capture(OFF, n_embd, max_rows, 0, 0, ctypes.cast(self._hidden, ctypes.POINTER(ctypes.c_float)))
+        self.rows_computed = 0  # logits rows written since load
+        self.eval_address: int = ctypes.cast(library.po_eval, ctypes.c_void_p).value or 0
+        self.capture_address: int = ctypes.addressof(self._capture)
+
+    def arm(self, mode: int) -> None:
+        """Set what the next decode's callback does: ``OFF``, ``SKIP`` or ``CAPTURE``."""
+        self._capture.mode = mode
+        self._capture.rows = 0
+        self._capture.overflow = 0
+
+    def write_logits(self, rows: Sequence[int]) -> None:
+        """Compute the captured rows' logits into ``rows`` (addresses of n_vocab floats), in capture order."""
+        capture = self._capture
+        if capture.overflow or capture.rows != len(rows):
+            raise EngineError(
+                f"the output head captured {capture.rows} hidden rows for {len(rows)} outputs"
+                f"{' (overflow)' if capture.overflow else ''}; set PEERINFER_OUTPUT_HEAD=false and report this"
+            )
+        pointers = (ctypes.c_void_p * len(rows))(*rows)
+        status = self._library.po_logits(
+            self._weights, self.n_vocab, self.n_embd, self._hidden, len(rows), pointers, self._threads
+        )
+        if status != 0:
+            raise EngineError(f"the output head could not compute {len(rows)} rows (status {status})")
+        self.rows_computed += len(rows)
+
+    def close(self) -> None:
+        self._capture.mode = OFF
+        self._weights = ctypes.c_void_p(0)
+        self._anchor = None
+        self._model.close()
+
+
+def open_head(model_path: Path, ggml_base: Path, n_vocab: int, n_embd: int, max_rows: int, threads: int) -> OutputHead:
+    """Load the library and map the output weights; raises ``HeadUnavailable`` with the reason."""
+    if not LIBRARY.exists():
+        raise HeadUnavailable(f"{LIBRARY.name} is not built (run scripts/setup.sh; it needs a C compiler)")
+    try:
+        # The library calls ggml's accessors, which llama_cpp loaded without making them global.
+        ctypes.CDLL(str(ggml_base), mode=ctypes.RTLD_GLOBAL)
+        library = ctypes.CDLL(str(LIBRARY))
+    except OSError as exc:
+        raise HeadUnavailable(f"{LIBRARY.name} could not be loaded: {exc}") from exc
+    library.po_supported.restype = ctypes.c_int
+    library.po_logits.restype = ctypes.c_int
+    library.po_logits.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int32,
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.c_int32,
+    ]
+    if not library.po_supported():
+        raise HeadUnavailable("this CPU lacks AVX2, FMA or F16C")
+    with model_path.open("rb") as file:
+        # copy-on-write, so that ctypes can take its address; nothing writes to it, so no page is copied
+        model = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        tensor = output_weight(read_header(model))
+        expected = (n_embd, n_vocab)
+        if tensor.ggml_type != GGML_TYPE_Q8_0:
+            raise HeadUnavailable(f"{tensor.name} is ggml type {tensor.ggml_type}, not q8_0")
+        if tensor.dims != expected or n_embd % Q8_0_BLOCK:
+            raise HeadUnavailable(f"{tensor.name} has shape {tensor.dims}, expected {expected}")
+        if tensor.offset + n_vocab * n_embd // Q8_0_BLOCK * Q8_0_BLOCK_BYTES > len(model):
+            raise HeadUnavailable(f"{tensor.name} runs past the end of the file")
+    except ModelFileError as exc:
+        model.close()
+        raise HeadUnavailable(f"its GGUF header could not be read: {exc}") from exc
+    except HeadUnavailable:
+        model.close()
+        raise
+    return OutputHead(library, model, tensor.offset, n_vocab, n_embd, max_rows, threads)

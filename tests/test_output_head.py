@@ -1,0 +1,124 @@
+"""peerinfer's output head against llama.cpp's own output product, on the real bundled model.
+
+Each case decodes the same batch twice from the same cache: once with llama.cpp computing the
+logits, once with the head, and requires every one of the 262k logits per row to be identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from peerinfer.engine import llama
+from peerinfer.engine.llama import LlamaBackend
+from peerinfer.engine.model_files import open_model_file
+from peerinfer.engine.output_head import OFF, OutputHead
+from peerinfer.engine.scheduler import SlotWork
+from tests.conftest import worker_settings
+
+PROMPTS = [
+    "The history of the Indian railways begins in",
+    "भारत की राजधानी नई दिल्ली है और",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Once upon a time, in a village by the sea, there lived",
+]
+
+
+def _backend() -> LlamaBackend:
+    settings = worker_settings(slots=4, n_ctx=512)
+    backend = LlamaBackend(open_model_file(settings.model, settings.cache_dir), settings)
+    backend.calibrate()
+    return backend
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LlamaBackend]:
+    backend = _backend()
+    yield backend
+    backend.close()
+
+
+def _read_prompts(backend: LlamaBackend) -> list[int]:
+    """Each slot reads its prompt but the last token; returns the prompts' lengths."""
+    lengths = []
+    for slot, text in enumerate(PROMPTS):
+        tokens = backend.tokenize(text, True)
+        backend._cut(slot, 0)
+        backend._decode([SlotWork(slot, tokens[:-1], 0, False)])
+        lengths.append(len(tokens) - 1)
+    return lengths
+
+
+def _both_ways(backend: LlamaBackend, work: list[SlotWork]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Logits of ``work`` from llama.cpp's product and from the head's choice; rows the head computed."""
+    head = backend._head
+    assert head is not None
+    outputs = backend._decode(work, head_mode=OFF)
+    reference = np.stack([backend.logits(index) for _, index in outputs])
+    for item in work:
+        backend._cut(item.slot, item.start)
+    before = head.rows_computed
+    outputs = backend._decode(work)
+    ours = np.stack([backend.logits(index) for _, index in outputs])
+    for item in work:
+        backend._cut(item.slot, item.start)
+    return reference, ours, head.rows_computed - before
+
+
+def test_the_head_passes_its_load_check_on_the_bundled_model(backend: LlamaBackend) -> None:
+    assert backend.head_status.startswith("peerinfer's"), backend.head_status
+    assert backend.pad_rows == frozenset()  # no row count is cheaper with a throw-away row any more
+
+
+@pytest.mark.parametrize(
+    "slots",
+    [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 2, 3], [1, 3]],
+    ids=["1 row", "2 rows", "3 rows", "4 rows", "slots 0,2,3 (two parts)", "slots 1,3 (two parts)"],
+)
+def test_a_generation_step_gets_llama_cpps_logits_bit_for_bit(backend: LlamaBackend, slots: list[int]) -> None:
+    lengths = _read_prompts(backend)
+    last = {slot: backend.tokenize(PROMPTS[slot], True)[-1] for slot in slots}
+    work = [SlotWork(slot, [last[slot]], lengths[slot], True) for slot in slots]
+    reference, ours, computed = _both_ways(backend, work)
+    assert computed == len(slots)
+    assert np.array_equal(reference, ours)
+    assert all(not np.array_equal(ours[i], ours[j]) for i in range(len(slots)) for j in range(i))  # distinct rows
+
+
+def test_the_last_chunk_of_a_prompt_gets_llama_cpps_logits_bit_for_bit(backend: LlamaBackend) -> None:
+    tokens = backend.tokenize(PROMPTS[1] * 3, True)
+    backend._cut(2, 0)
+    backend._decode([SlotWork(2, tokens[:16], 0, False)])
+    reference, ours, computed = _both_ways(backend, [SlotWork(2, tokens[16:], 16, True)])
+    assert computed == 1 and np.array_equal(reference, ours)
+
+
+def test_a_call_whose_outputs_llama_cpp_reorders_keeps_llama_cpps_product(backend: LlamaBackend) -> None:
+    lengths = _read_prompts(backend)
+    work = [SlotWork(slot, [7, 8], lengths[slot], True) for slot in (0, 1)]  # two tokens each: out of order
+    reference, ours, computed = _both_ways(backend, work)
+    assert computed == 0 and np.array_equal(reference, ours)
+
+
+def test_a_head_that_disagrees_at_load_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = llama.open_head
+
+    def off_by_one_row(*args: object, **kwargs: object) -> OutputHead:
+        head = real_open(*args, **kwargs)  # type: ignore[arg-type]
+        head._weights.value = (head._weights.value or 0) + 34 * 640 // 32  # logits of the next vocabulary row
+        return head
+
+    monkeypatch.setattr(llama, "open_head", off_by_one_row)
+    backend = _backend()
+    try:
+        assert backend.head_status.startswith("llama.cpp's: peerinfer's was checked at load and its logits differ")
+        head = backend._head
+        assert head is not None
+        before = head.rows_computed
+        tokens = backend.tokenize(PROMPTS[0], True)
+        backend._decode([SlotWork(0, tokens, 0, True)])
+        assert head.rows_computed == before
+    finally:
+        backend.close()
