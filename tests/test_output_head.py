@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from peerinfer.engine import llama
+from peerinfer.engine import llama, output_head
 from peerinfer.engine.llama import LlamaBackend
 from peerinfer.engine.model_files import open_model_file
-from peerinfer.engine.output_head import OFF, OutputHead
+from peerinfer.engine.output_head import OFF, OutputHead, mapped_address
 from peerinfer.engine.scheduler import SlotWork
 from tests.conftest import worker_settings
 
@@ -67,9 +67,38 @@ def _both_ways(backend: LlamaBackend, work: list[SlotWork]) -> tuple[np.ndarray,
     return reference, ours, head.rows_computed - before
 
 
+MAPS = """\
+55d0c0a00000-55d0c0a21000 r--p 00000000 fe:00 1234 /usr/bin/python3.11
+7f0000000000-7f0000100000 r--p 00000000 fe:00 777 /models/m.gguf
+7f1000000000-7f100e000000 r--s 00639000 fe:00 777 /models/m.gguf
+7f2000000000-7f2000001000 ---p 00000000 fe:00 777 /models/m.gguf
+7f3000000000-7f300e000000 r--s 00639000 fe:00 778 /models/other.gguf
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "inode", "offset", "length", "address"),
+    [
+        ("/models/m.gguf", 777, 0x639000, 0x1000, 0x7F1000000000),  # the mapping that starts at the data
+        ("/models/m.gguf", 777, 0x639000 + 2560, 1 << 20, 0x7F1000000000 + 2560),
+        ("/models/m.gguf", 777, 0x100, 0x100, 0x7F0000000100),  # the header's own mapping
+        ("/models/m.gguf", 777, 0x600000, 0x100000, None),  # straddles the two: no single mapping holds it
+        ("/models/m.gguf", 777, 0x639000, 0xE000001, None),  # one byte past the mapping's end
+        ("/models/m.gguf", 999, 0x639000, 0x1000, None),  # same path, another file (replaced since)
+        ("/models/other.gguf", 777, 0x639000, 0x1000, None),
+    ],
+)
+def test_the_weights_are_found_in_llama_cpps_mapping(
+    path: str, inode: int, offset: int, length: int, address: int | None
+) -> None:
+    assert mapped_address(MAPS, path, inode, offset, length) == address
+
+
 def test_the_head_passes_its_load_check_on_the_bundled_model(backend: LlamaBackend) -> None:
     assert backend.head_status.startswith("peerinfer's"), backend.head_status
     assert backend.pad_rows == frozenset()  # no row count is cheaper with a throw-away row any more
+    head = backend._head
+    assert head is not None and head.shares_llama_mapping  # no second mapping: RSS does not count it twice
 
 
 @pytest.mark.parametrize(
@@ -120,5 +149,16 @@ def test_a_head_that_disagrees_at_load_is_not_used(monkeypatch: pytest.MonkeyPat
         tokens = backend.tokenize(PROMPTS[0], True)
         backend._decode([SlotWork(0, tokens, 0, True)])
         assert head.rows_computed == before
+    finally:
+        backend.close()
+
+
+def test_without_llama_cpps_mapping_the_head_maps_the_file_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(output_head, "mapped_address", lambda *args: None)
+    backend = _backend()
+    try:
+        head = backend._head
+        assert head is not None and not head.shares_llama_mapping
+        assert backend.head_status.startswith("peerinfer's"), backend.head_status
     finally:
         backend.close()

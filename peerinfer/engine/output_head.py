@@ -4,9 +4,9 @@
 library, the CPU (AVX2, FMA, F16C) or the model (q8_0 output weights) does not allow it, ``open_head``
 says why and the worker lets llama.cpp compute the product as before.
 
-The weights are read through our own ``mmap`` of the model file; the kernel only reads them, so the
-pages are the ones llama.cpp's mapping already holds in the page cache (shared, not copied). Tools
-that add up RSS count them twice; PSS does not.
+The weights are read through llama.cpp's own mapping of the model file, found in /proc/self/maps, so
+they add nothing to the process. Where there is none (llama.cpp loaded without mmap, or not Linux),
+through a mapping of our own: the pages are shared in the page cache, but RSS counts them twice.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ import mmap
 from collections.abc import Sequence
 from pathlib import Path
 
-from peerinfer.engine.gguf import GGML_TYPE_Q8_0, Q8_0_BLOCK, Q8_0_BLOCK_BYTES, output_weight, read_header
+from peerinfer.engine.gguf import (
+    GGML_TYPE_Q8_0,
+    Q8_0_BLOCK,
+    Q8_0_BLOCK_BYTES,
+    TensorInfo,
+    output_weight,
+    read_header,
+)
 from peerinfer.errors import EngineError, ModelFileError
 
 LIBRARY = Path(__file__).with_name("_output_head.so")
@@ -35,8 +42,8 @@ class _Capture(ctypes.Structure):
     ]
 
 
-class HeadUnavailable(Exception):
-    """Why the output head cannot be used here; the worker then keeps llama.cpp's product."""
+class HeadUnavailable(EngineError):
+    """Why the output head cannot be used here; the worker catches it and keeps llama.cpp's product."""
 
 
 class OutputHead:
@@ -45,17 +52,16 @@ class OutputHead:
     def __init__(
         self,
         library: ctypes.CDLL,
-        model: mmap.mmap,
-        offset: int,
+        weights: int,
+        own_map: mmap.mmap | None,
         n_vocab: int,
         n_embd: int,
         max_rows: int,
         threads: int,
     ) -> None:
         self._library = library
-        self._model = model
-        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(model, offset)  # keeps the mapping open
-        self._weights = ctypes.c_void_p(ctypes.addressof(self._anchor))
+        self._weights = ctypes.c_void_p(weights)
+        self._own_map = own_map  # None when the weights are read through llama.cpp's own mapping
         self.n_vocab = n_vocab
         self.n_embd = n_embd
         self._threads = threads
@@ -64,6 +70,10 @@ class OutputHead:
         self.rows_computed = 0  # logits rows written since load
         self.eval_address: int = ctypes.cast(library.po_eval, ctypes.c_void_p).value or 0
         self.capture_address: int = ctypes.addressof(self._capture)
+
+    @property
+    def shares_llama_mapping(self) -> bool:
+        return self._own_map is None
 
     def arm(self, mode: int) -> None:
         """Set what the next decode's callback does: ``OFF``, ``SKIP`` or ``CAPTURE``."""
@@ -88,10 +98,24 @@ class OutputHead:
         self.rows_computed += len(rows)
 
     def close(self) -> None:
+        """Call before llama.cpp frees the model: the weights may be read through its mapping."""
         self._capture.mode = OFF
         self._weights = ctypes.c_void_p(0)
-        self._anchor = None
-        self._model.close()
+        if self._own_map is not None:
+            self._own_map.close()
+
+
+def mapped_address(maps: str, path: str, inode: int, offset: int, length: int) -> int | None:
+    """Address of file bytes [offset, offset + length) of ``path`` in a readable mapping, from /proc/self/maps text."""
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[5] != path or "r" not in fields[1] or int(fields[4]) != inode:
+            continue
+        first, last = (int(value, 16) for value in fields[0].split("-"))
+        start = int(fields[2], 16)
+        if start <= offset and offset + length <= start + (last - first):
+            return first + offset - start
+    return None
 
 
 def open_head(model_path: Path, ggml_base: Path, n_vocab: int, n_embd: int, max_rows: int, threads: int) -> OutputHead:
@@ -117,22 +141,35 @@ def open_head(model_path: Path, ggml_base: Path, n_vocab: int, n_embd: int, max_
     ]
     if not library.po_supported():
         raise HeadUnavailable("this CPU lacks AVX2, FMA or F16C")
-    with model_path.open("rb") as file:
-        # copy-on-write, so that ctypes can take its address; nothing writes to it, so no page is copied
-        model = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    path = model_path.resolve()
+    inode, size = path.stat().st_ino, path.stat().st_size
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as header:
+        tensor = _q8_0_output(header, n_vocab, n_embd, size)
+    length = n_vocab * n_embd // Q8_0_BLOCK * Q8_0_BLOCK_BYTES
     try:
-        tensor = output_weight(read_header(model))
-        expected = (n_embd, n_vocab)
-        if tensor.ggml_type != GGML_TYPE_Q8_0:
-            raise HeadUnavailable(f"{tensor.name} is ggml type {tensor.ggml_type}, not q8_0")
-        if tensor.dims != expected or n_embd % Q8_0_BLOCK:
-            raise HeadUnavailable(f"{tensor.name} has shape {tensor.dims}, expected {expected}")
-        if tensor.offset + n_vocab * n_embd // Q8_0_BLOCK * Q8_0_BLOCK_BYTES > len(model):
-            raise HeadUnavailable(f"{tensor.name} runs past the end of the file")
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        maps = ""
+    address = mapped_address(maps, str(path), inode, tensor.offset, length)
+    if address is not None:  # llama.cpp's own mapping: reading through it adds no pages to this process
+        return OutputHead(library, address, None, n_vocab, n_embd, max_rows, threads)
+    with path.open("rb") as file:
+        # copy-on-write, so that ctypes can take its address; nothing writes to it, so no page is copied
+        own_map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(own_map))
+    return OutputHead(library, base + tensor.offset, own_map, n_vocab, n_embd, max_rows, threads)
+
+
+def _q8_0_output(header: mmap.mmap, n_vocab: int, n_embd: int, file_size: int) -> TensorInfo:
+    try:
+        tensor = output_weight(read_header(header))
     except ModelFileError as exc:
-        model.close()
         raise HeadUnavailable(f"its GGUF header could not be read: {exc}") from exc
-    except HeadUnavailable:
-        model.close()
-        raise
-    return OutputHead(library, model, tensor.offset, n_vocab, n_embd, max_rows, threads)
+    expected = (n_embd, n_vocab)
+    if tensor.ggml_type != GGML_TYPE_Q8_0:
+        raise HeadUnavailable(f"{tensor.name} is ggml type {tensor.ggml_type}, not q8_0")
+    if tensor.dims != expected or n_embd % Q8_0_BLOCK:
+        raise HeadUnavailable(f"{tensor.name} has shape {tensor.dims}, expected {expected}")
+    if tensor.offset + n_vocab * n_embd // Q8_0_BLOCK * Q8_0_BLOCK_BYTES > file_size:
+        raise HeadUnavailable(f"{tensor.name} runs past the end of the file")
+    return tensor
