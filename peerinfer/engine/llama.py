@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,12 @@ class LlamaBackend:
     """One llama.cpp model and context, decoded by exactly one thread."""
 
     def __init__(self, model_file: ModelFile, settings: WorkerSettings) -> None:
+        if settings.batch_invariant:
+            # ggml's tiled K-quant matmul (calls of 8+ rows) rounds a row by where it falls in the call:
+            # the same prompt read in other cuts, or tokens decoded one per call, gave logits up to 1.08
+            # apart. Without it every row takes the one-row kernel, and they are equal; it was no faster
+            # here. ggml reads this once per process, at its first matmul (a user's own value wins).
+            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
         lc.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
         lc.llama_backend_init()
         model_params = lc.llama_model_default_params()

@@ -1,0 +1,71 @@
+"""The same tokens give the same logits however they reach llama.cpp: in other cuts, or one per call.
+
+With batch invariance on (the default) every matmul row takes the same kernel whatever else is in
+the call, so where a prompt is cut into calls, and whether a token was read as prompt or decoded
+after being generated, leaves no trace in the numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from peerinfer.engine.llama import LlamaBackend
+from peerinfer.engine.model_files import open_model_file
+from peerinfer.engine.scheduler import SlotWork
+from tests.conftest import worker_settings
+
+LENGTH = 300
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LlamaBackend]:
+    settings = worker_settings(slots=2, n_ctx=512)
+    backend = LlamaBackend(open_model_file(settings.model, settings.cache_dir), settings)
+    backend.calibrate()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def tokens(backend: LlamaBackend) -> list[int]:
+    text = "Indian railways carry 23 million passengers a day on 68,000 km of track. " * 30
+    return backend.tokenize(text, True)[:LENGTH]
+
+
+@pytest.fixture(scope="module")
+def reference(backend: LlamaBackend, tokens: list[int]) -> np.ndarray:
+    """The logits after reading the prompt as the scheduler does: chunks of 64 from the start."""
+    return _last_logits(backend, tokens, _chunks(LENGTH))
+
+
+def _last_logits(backend: LlamaBackend, tokens: list[int], calls: list[int]) -> np.ndarray:
+    """Read ``tokens`` in calls of the given sizes, in order; the logits after the last one."""
+    backend._cut(0, 0)
+    start = 0
+    for size in calls:
+        outputs = backend._decode([SlotWork(0, tokens[start : start + size], start, start + size == len(tokens))])
+        start += size
+    assert start == len(tokens)
+    return backend.logits(outputs[-1][1]).copy()
+
+
+def _chunks(length: int, size: int = 64) -> list[int]:
+    return [min(size, length - start) for start in range(0, length, size)]
+
+
+@pytest.mark.parametrize("tail", [1, 2, 3, 4, 7, 8, 9, 16])
+def test_where_a_prompt_is_cut_leaves_the_logits_unchanged(backend: LlamaBackend, tokens: list[int], tail: int) -> None:
+    reference = _last_logits(backend, tokens, _chunks(LENGTH))
+    cut = _last_logits(backend, tokens, [*_chunks(LENGTH - tail), tail])
+    assert np.array_equal(reference, cut)
+
+
+@pytest.mark.parametrize("generated", [5, 50])
+def test_tokens_decoded_one_per_call_give_the_logits_of_a_prompt_read(
+    backend: LlamaBackend, tokens: list[int], reference: np.ndarray, generated: int
+) -> None:
+    one_by_one = _last_logits(backend, tokens, [*_chunks(LENGTH - generated), *([1] * generated)])
+    assert np.array_equal(reference, one_by_one)
