@@ -61,8 +61,9 @@ class WorkerSettings(NetworkSettings):
     prefix_cache: bool = Field(
         default=True,
         description=(
-            "Keep whole chunks of a finished request's prompt in its slot, and send a later prompt that starts "
-            "the same way to that slot: only the rest is read. The text is the same as with a fresh read."
+            "Keep what a finished request leaves in its slot (its prompt, and with batch invariance its answer) "
+            "and send a later prompt that starts the same way to that slot, or copy it from there: only the rest "
+            "is read. The text is the same as with a fresh read."
         ),
     )
     output_head: bool = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from peerinfer.engine.batching import (
+    MIN_REUSE,
     Fillers,
     choose_pad_slot,
     choose_slot,
@@ -71,31 +72,35 @@ def test_fillers_join_runs_of_slots_and_pad_to_a_cheaper_count(
 
 
 @pytest.mark.parametrize(
-    ("kept", "prompt", "chunk", "reused"),
+    ("kept", "prompt", "unit", "reused"),
     [
-        (list(range(20)), list(range(30)), 8, 16),  # whole chunks only
-        (list(range(16)), list(range(16)), 8, 8),  # never the last prompt token: its logits are needed
-        (list(range(16)), list(range(17)), 8, 16),
-        (list(range(20)), [*range(10), 99, *range(11, 30)], 8, 8),  # they part at token 10
-        ([5, *range(1, 20)], list(range(20)), 8, 0),
-        ([], list(range(20)), 8, 0),
-        (list(range(20)), [0], 8, 0),
+        (list(range(40)), list(range(60)), 16, 32),  # whole chunks only
+        (list(range(32)), list(range(32)), 16, 16),  # never the last prompt token: its logits are needed
+        (list(range(32)), list(range(33)), 16, 32),
+        (list(range(40)), [*range(20), 99, *range(21, 60)], 16, 16),  # they part at token 20
+        ([5, *range(1, 40)], list(range(40)), 16, 0),
+        ([], list(range(20)), 16, 0),
+        (list(range(20)), [0], 16, 0),
+        (list(range(40)), [*range(20), 99, *range(21, 60)], 1, 20),  # a cut-invariant backend: to the token
+        (list(range(40)), list(range(40)), 1, 39),
+        (list(range(40)), [*range(15), 99], 1, 0),  # 15 shared tokens: below MIN_REUSE, not worth it
     ],
 )
-def test_reusable_prefix_is_whole_chunks_of_what_the_prompts_share(
-    kept: list[int], prompt: list[int], chunk: int, reused: int
+def test_reusable_prefix_is_whole_units_of_what_the_prompts_share(
+    kept: list[int], prompt: list[int], unit: int, reused: int
 ) -> None:
-    assert reusable_prefix(kept, prompt, chunk) == reused
+    assert MIN_REUSE == 16
+    assert reusable_prefix(kept, prompt, unit) == reused
 
 
 def test_choose_slot_prefers_the_longest_reuse_then_the_least_kept_then_the_lowest() -> None:
     system = list(range(100, 140))
     kept = {0: [*system, 1, 2, 3], 1: [*system[:16], 7, 7, 7, 7], 3: list(range(500, 600))}
-    assert choose_slot([0, 1, 2, 3], kept, [*system, 9, 9], chunk=8) == 0
-    assert choose_slot([1, 2, 3], kept, [*system, 9, 9], chunk=8) == 1
+    assert choose_slot([0, 1, 2, 3], kept, [*system, 9, 9], unit=8) == 0
+    assert choose_slot([1, 2, 3], kept, [*system, 9, 9], unit=8) == 1
     # Nothing to reuse: the empty slot 2, so that what slots 0, 1 and 3 hold stays for later.
-    assert choose_slot([0, 1, 2, 3], kept, [1, 2, 3], chunk=8) == 2
-    assert choose_slot([2, 4], {}, [1, 2, 3], chunk=8) == 2
+    assert choose_slot([0, 1, 2, 3], kept, [1, 2, 3], unit=8) == 2
+    assert choose_slot([2, 4], {}, [1, 2, 3], unit=8) == 2
 
 
 @pytest.mark.parametrize(

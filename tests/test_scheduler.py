@@ -390,3 +390,28 @@ def test_a_request_copies_a_shared_prompt_from_a_busy_slot_rather_than_read_it_a
     assert backend.kept[2:5] == [("begin", 0, 16), ("copy", 0, 1), ("begin", 1, 16)]
     reads = [call for call in backend.calls if any(size > 1 for _, _, size in call)]
     assert reads[-2:] == [[(0, 16, 5)], [(1, 16, 6)]]  # each read only its own last tokens
+
+
+def test_with_a_cut_invariant_backend_reuse_ends_on_any_token_and_takes_in_the_answer() -> None:
+    backend = KeepingBackend()
+    scheduler = BatchScheduler(backend, slots=1, max_queue=4, prefill_chunk=8, cut_invariant=True)
+    system = list(range(100, 120))
+    scheduler.start()
+
+    async def scenario() -> list[Finished]:
+        first = await finish(scheduler, [*system, 1, 2])  # answers 'a', 'b', then ends
+        # The next turn of the conversation: the first prompt, the answer, and a new question.
+        second = await finish(scheduler, [*system, 1, 2, ord("a"), ord("b"), 5, 6])
+        # A prompt that leaves the conversation after 19 tokens, in the middle of a chunk.
+        third = await finish(scheduler, [*system[:19], 9, 9])
+        return [first, second, third]
+
+    try:
+        first, second, third = asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    # Slot 0 keeps the prompt and the two answer tokens decoded after it (the end token never was).
+    assert backend.kept[:3] == [("begin", 0, 0), ("release", 0, 24), ("begin", 0, 24)]
+    assert (first.cached_tokens, second.cached_tokens, third.cached_tokens) == (0, 24, 19)
+    reads = [call for call in backend.calls if any(size > 1 for _, _, size in call)]
+    assert reads[-2:] == [[(0, 24, 2)], [(0, 19, 2)]]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 # Pad only when one more row is clearly cheaper: a wrong choice costs a row's compute each step.
 PAD_MARGIN = 0.05
+MIN_REUSE = 16  # tokens
 
 
 def sequence_runs(slots: Iterable[int]) -> int:
@@ -68,21 +69,24 @@ def fillers(rows: Sequence[int], spare: Iterable[int], pad: bool) -> Fillers:
     return Fillers(choose_pad_slot(rows, spare), ())
 
 
-def reusable_prefix(kept: Sequence[int], prompt: Sequence[int], chunk: int) -> int:
+def reusable_prefix(kept: Sequence[int], prompt: Sequence[int], unit: int) -> int:
     """How many leading tokens of ``prompt`` a slot still holding ``kept`` need not read again.
 
-    Whole prompt chunks only, and never the last prompt token (its logits are needed). A fresh read
-    cuts the prompt into chunks at multiples of ``chunk``; a reuse that ends on such a boundary reads
-    the rest in the very same chunks, so the numbers, and the text, are the same as a fresh read.
+    A multiple of ``unit``, and never the last prompt token (its logits are needed). With a backend
+    whose numbers depend on how a prompt is cut into calls, ``unit`` is the prompt chunk: a reuse that
+    ends on a chunk boundary reads the rest in the very chunks of a fresh read, so the numbers, and
+    the text, are the same. A cut-invariant backend reuses to the token (``unit`` 1). Below
+    ``MIN_REUSE`` tokens (a BOS and a role marker that every prompt shares) it is not worth a report.
     """
     limit = min(len(kept), len(prompt) - 1)
     same = 0
     while same < limit and kept[same] == prompt[same]:
         same += 1
-    return same - same % chunk
+    same -= same % unit
+    return same if same >= MIN_REUSE else 0
 
 
-def choose_slot(free: Iterable[int], kept: Mapping[int, Sequence[int]], prompt: Sequence[int], chunk: int) -> int:
+def choose_slot(free: Iterable[int], kept: Mapping[int, Sequence[int]], prompt: Sequence[int], unit: int) -> int:
     """The free slot for ``prompt``: the one that saves the most reading.
 
     On a tie, the slot that holds the least, so that longer kept prompts stay for later requests; then
@@ -90,7 +94,7 @@ def choose_slot(free: Iterable[int], kept: Mapping[int, Sequence[int]], prompt: 
     """
     return min(
         free,
-        key=lambda slot: (-reusable_prefix(kept.get(slot, ()), prompt, chunk), len(kept.get(slot, ())), slot),
+        key=lambda slot: (-reusable_prefix(kept.get(slot, ()), prompt, unit), len(kept.get(slot, ())), slot),
     )
 
 

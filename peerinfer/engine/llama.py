@@ -369,6 +369,7 @@ class LlamaEngine:
             max_queue=settings.max_queue,
             prefill_chunk=settings.prefill_chunk,
             reuse_prompts=settings.prefix_cache,
+            cut_invariant=settings.batch_invariant,
             first_token_pause_s=settings.first_token_pause_ms / 1000,
         )
         try:

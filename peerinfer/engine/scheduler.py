@@ -96,6 +96,7 @@ class _Slot:
     next_token: int | None = None
     generated: int = 0
     sent_text: bool = False
+    decoded: list[int] = field(default_factory=list)  # generated tokens now in the slot's cache
 
     @property
     def prompt_left(self) -> int:
@@ -110,8 +111,12 @@ class BatchScheduler:
     slots: int
     max_queue: int
     prefill_chunk: int
-    # Keep whole chunks of a finished request's prompt in its slot, for a later prompt that starts alike.
+    # Keep what a finished request leaves in its slot, for a later prompt that starts alike.
     reuse_prompts: bool = True
+    # The backend gives the same numbers however tokens are cut into calls, and for tokens decoded one
+    # per call (llama.cpp with batch invariance): reuse may then end on any token and take in the
+    # generated tokens too (a chat's earlier answers). Otherwise it keeps whole prompt chunks only.
+    cut_invariant: bool = False
     # llama.cpp's threads take every core while they decode, so without a pause the server's event loop
     # (and a client on this machine) wait for the next step to be preempted before the first token goes out.
     first_token_pause_s: float = 0.0
@@ -124,7 +129,7 @@ class BatchScheduler:
     _thread: threading.Thread | None = None
     _mean_request_s: float = 5.0
     _first_text_out: bool = False
-    # The prompt tokens each free slot still holds in its cache.
+    # The tokens each free slot still holds in its cache, in a form that a fresh read would give.
     _kept: dict[int, list[int]] = field(default_factory=dict)
 
     def start(self, prepare: Callable[[], T] | None = None) -> T | None:
@@ -228,10 +233,10 @@ class BatchScheduler:
                 self._emit(generation, Finished("cancelled", len(generation.prompt_tokens), 0))
                 continue
             prompt = generation.prompt_tokens
-            index = choose_slot(free, self._kept, prompt, self.prefill_chunk) if self.reuse_prompts else free[0]
+            index = choose_slot(free, self._kept, prompt, self._reuse_unit) if self.reuse_prompts else free[0]
             free.remove(index)
             kept = self._kept.pop(index, [])
-            reuse = reusable_prefix(kept, prompt, self.prefill_chunk) if self.reuse_prompts else 0
+            reuse = reusable_prefix(kept, prompt, self._reuse_unit) if self.reuse_prompts else 0
             try:
                 donor, more = self._donor(prompt, index) if self.reuse_prompts else (None, 0)
                 if donor is not None and more > reuse:
@@ -253,28 +258,32 @@ class BatchScheduler:
             )
 
     def _donor(self, prompt: Sequence[int], target: int) -> tuple[int | None, int]:
-        """The other slot, busy or free, whose cache holds the most of ``prompt``, and how much.
-
-        A busy slot offers the whole chunks of its prompt read so far, which are what a fresh read of
-        the same tokens gives (its generated tokens are decoded one by one, with other numbers).
-        """
+        """The other slot, busy or free, whose cache holds the most of ``prompt``, and how much."""
         best: tuple[int | None, int] = (None, 0)
         for index in range(self.slots):
             if index == target:
                 continue
             slot = self._active.get(index)
-            if slot is not None:
-                held = slot.generation.prompt_tokens[: self._whole_chunks(slot.prefilled)]
-            else:
-                held = self._kept.get(index, [])
-            reuse = reusable_prefix(held, prompt, self.prefill_chunk)
+            held = self._held(slot) if slot is not None else self._kept.get(index, [])
+            reuse = reusable_prefix(held, prompt, self._reuse_unit)
             if reuse > best[1]:
                 best = (index, reuse)
         return best
 
-    def _whole_chunks(self, tokens: int) -> int:
-        """The part of ``tokens`` prompt tokens read in whole chunks, as a fresh read cuts them."""
-        return tokens - tokens % self.prefill_chunk
+    @property
+    def _reuse_unit(self) -> int:
+        return 1 if self.cut_invariant else self.prefill_chunk
+
+    def _held(self, slot: _Slot) -> list[int]:
+        """The start of what ``slot``'s cache holds that a fresh read of the same tokens would give.
+
+        Everything when the backend is cut-invariant; else the prompt's whole chunks, read as a fresh
+        read cuts them (generated tokens, decoded one per call, have other numbers there).
+        """
+        prompt = slot.generation.prompt_tokens
+        if self.cut_invariant:
+            return [*prompt[: slot.prefilled], *slot.decoded]
+        return list(prompt[: slot.prefilled - slot.prefilled % self.prefill_chunk])
 
     def _reap_cancelled(self) -> None:
         for slot in list(self._active.values()):
@@ -284,9 +293,9 @@ class BatchScheduler:
     def _prompt_chunk(self) -> list[SlotWork]:
         """One fixed-size chunk of the oldest unread prompt, for a call of its own (empty: none left).
 
-        A chunk always covers the same tokens (multiples of ``prefill_chunk``), so a request's numbers do
-        not depend on what else the worker is doing. It goes before the step's generation call: a short
-        prompt's first token then leaves a whole decode step (~40 ms at 4 streams) earlier.
+        A prompt is read alone in its calls, ``prefill_chunk`` tokens from where its read stands, so its
+        numbers do not depend on what else the worker is doing. It goes before the step's generation
+        call: a short prompt's first token then leaves a whole decode step earlier.
         """
         reading = [slot for slot in self._active.values() if slot.next_token is None and slot.prompt_left > 0]
         if not reading:
@@ -328,6 +337,8 @@ class BatchScheduler:
             slot.position += len(item.tokens)
             if slot.next_token is None:
                 slot.prefilled += len(item.tokens)
+            else:
+                slot.decoded.extend(item.tokens)
             if item.slot in sampled:
                 self._accept(slot, sampled[item.slot])
         self._flush()  # this call's tokens go out now, not after the step's other call
@@ -371,12 +382,12 @@ class BatchScheduler:
             self._emit(slot.generation, TextDelta(tail))
         prompt = slot.generation.prompt_tokens
         self._emit(slot.generation, Finished(reason, len(prompt), slot.generated, error, cached_tokens=slot.cached))
-        # Whole chunks of the prompt, read as a fresh read would: after an error, nothing.
-        keep = self._whole_chunks(slot.prefilled) if self.reuse_prompts and error is None else 0
-        keep = self.backend.release(slot.index, keep)
+        # What a fresh read would give (see _held); after an error, nothing.
+        held = self._held(slot) if self.reuse_prompts and error is None else []
+        keep = self.backend.release(slot.index, len(held))
         with self._cond:
             del self._active[slot.index]
         if keep:
-            self._kept[slot.index] = list(prompt[:keep])
+            self._kept[slot.index] = held[:keep]
         elapsed = time.monotonic() - slot.admitted_at
         self._mean_request_s = 0.8 * self._mean_request_s + 0.2 * elapsed
