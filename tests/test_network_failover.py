@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -105,7 +106,15 @@ def test_worker_killed_mid_stream_resumes_without_gap_or_repeat(cluster: Cluster
 
 def test_the_next_turn_of_a_chat_goes_back_to_the_peer_that_answered_the_last_one(cluster: Cluster) -> None:
     workers = [cluster.spawn("story"), cluster.spawn("story")]
-    with cluster.client() as client:
+    # Two idle peers differ only in probe round trips, so power of two choices can send every first
+    # turn to the same one (seen once). A chooser that alternates spreads them for sure, and would
+    # send half the next turns elsewhere if affinity did not hold.
+    picks = itertools.count()
+
+    def alternate(probes: Sequence[Probe], rng: random.Random) -> Probe:
+        return sorted(probes, key=lambda probe: probe.url)[next(picks) % len(probes)]
+
+    with cluster.client(chooser=alternate) as client:
         cluster.wait_for(client, 2)
         first_peers, next_peers, follow_ups = [], [], []
         for number in range(8):  # without affinity, each next turn would go to either peer
@@ -118,7 +127,7 @@ def test_the_next_turn_of_a_chat_goes_back_to_the_peer_that_answered_the_last_on
             assert "".join(follow_up)
             next_peers.append(follow_up.peer_url)
         assert next_peers == first_peers
-        assert set(first_peers) == {worker.url for worker in workers}  # the first turns were spread as usual
+        assert set(first_peers) == {worker.url for worker in workers}  # the first turns went to both
         # A conversation whose peer is gone moves on to the other one.
         gone, survivor = workers
         gone.kill()

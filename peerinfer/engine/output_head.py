@@ -142,9 +142,12 @@ def open_head(model_path: Path, ggml_base: Path, n_vocab: int, n_embd: int, max_
     if not library.po_supported():
         raise HeadUnavailable("this CPU lacks AVX2, FMA or F16C")
     path = model_path.resolve()
-    inode, size = path.stat().st_ino, path.stat().st_size
-    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as header:
-        tensor = _q8_0_output(header, n_vocab, n_embd, size)
+    try:
+        inode, size = path.stat().st_ino, path.stat().st_size
+        with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as header:
+            tensor = _q8_0_output(header, n_vocab, n_embd, size)
+    except OSError as exc:
+        raise HeadUnavailable(f"the model file could not be mapped: {exc}") from exc
     length = n_vocab * n_embd // Q8_0_BLOCK * Q8_0_BLOCK_BYTES
     try:
         maps = Path("/proc/self/maps").read_text()
@@ -153,9 +156,12 @@ def open_head(model_path: Path, ggml_base: Path, n_vocab: int, n_embd: int, max_
     address = mapped_address(maps, str(path), inode, tensor.offset, length)
     if address is not None:  # llama.cpp's own mapping: reading through it adds no pages to this process
         return OutputHead(library, address, None, n_vocab, n_embd, max_rows, threads)
-    with path.open("rb") as file:
-        # copy-on-write, so that ctypes can take its address; nothing writes to it, so no page is copied
-        own_map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        with path.open("rb") as file:
+            # copy-on-write, so that ctypes can take its address; nothing writes to it, so no page is copied
+            own_map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as exc:
+        raise HeadUnavailable(f"the model file could not be mapped: {exc}") from exc
     base = ctypes.addressof(ctypes.c_char.from_buffer(own_map))
     return OutputHead(library, base + tensor.offset, own_map, n_vocab, n_embd, max_rows, threads)
 
