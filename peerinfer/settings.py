@@ -77,8 +77,9 @@ class WorkerSettings(NetworkSettings):
     batch_invariant: bool = Field(
         default=True,
         description=(
-            "Same text for a request whether it runs alone or batched: turns off repacked weights and keeps "
-            "the KV cache in bf16 (long prompts read ~15% slower)."
+            "Same text for a request whether it runs alone or batched, and however its prompt is cut into calls: "
+            "turns off repacked weights and ggml's tiled K-quant matmul (GGML_CPU_TILED_MM=0, process-wide) "
+            "and keeps the KV cache in bf16 (long prompts read ~15% slower)."
         ),
     )
     top_k: int = Field(
