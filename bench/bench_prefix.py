@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import REPO, free_port, serve, servers, stream_completion, write_results
+from bench_serving import REPO, free_port, serve, servers, stream_completion, worker_env, write_results
 
 sys.path.insert(0, str(REPO))
 from peerinfer.engine.model_files import open_model_file
@@ -154,15 +154,7 @@ def main() -> int:
         "peerinfer worker, prefix_cache=false": lambda port: ["env", "PEERINFER_PREFIX_CACHE=false", *worker(port)],
         **{name: command for name, command in entries.items() if not name.startswith("peerinfer")},
     }
-    base_env = {key: value for key, value in os.environ.items() if not key.startswith("PEERINFER_")}
-    env = {
-        **base_env,
-        "PEERINFER_MODEL": str(model),
-        "PEERINFER_N_THREADS": str(args.threads),
-        "PEERINFER_N_CTX": str(args.n_ctx),
-        "PEERINFER_SLOTS": str(args.slots),
-        "PEERINFER_LOG_LEVEL": "WARNING",
-    }
+    env = worker_env(model, args.threads, args.n_ctx, args.slots)
     rows: dict[tuple[str, int], Row] = {}
     for round_number in range(args.rounds):
         print(f"round {round_number + 1} of {args.rounds}", file=sys.stderr)

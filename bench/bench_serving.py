@@ -241,6 +241,20 @@ def serve(command: list[str], env: dict[str, str], port: int) -> tuple[str, subp
     return url, process
 
 
+def worker_env(model: Path, threads: int, n_ctx: int, slots: int, **extra: str) -> dict[str, str]:
+    """This process's environment without its own PEERINFER_* settings, plus the bench's worker settings."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PEERINFER_")}
+    env.update(
+        PEERINFER_MODEL=str(model),
+        PEERINFER_N_THREADS=str(threads),
+        PEERINFER_N_CTX=str(n_ctx),
+        PEERINFER_SLOTS=str(slots),
+        PEERINFER_LOG_LEVEL="WARNING",
+        **extra,
+    )
+    return env
+
+
 def servers(model: Path, threads: int, n_ctx: int, slots: int) -> dict[str, Callable[[int], list[str]]]:
     """Each entry: a function of the port giving the command line; missing peers are left out."""
     worker = [str(REPO / ".venv/bin/python"), "-m", "uvicorn", "worker:app", "--host", "127.0.0.1"]
@@ -358,16 +372,7 @@ def run_round(args: argparse.Namespace, model: Path, levels: list[int], total: i
         print("running llama.cpp in-process ...", file=sys.stderr)
         rows.append(in_process(model, args.threads, args.n_ctx, args.max_tokens, total, repacked=True))
         rows.append(in_process(model, args.threads, args.n_ctx, args.max_tokens, total, repacked=False))
-    base_env = {key: value for key, value in os.environ.items() if not key.startswith("PEERINFER_")}
-    env = {
-        **base_env,
-        "PEERINFER_MODEL": str(model),
-        "PEERINFER_N_THREADS": str(args.threads),
-        "PEERINFER_N_CTX": str(args.n_ctx),
-        "PEERINFER_SLOTS": str(args.slots),
-        "PEERINFER_MAX_QUEUE": "64",
-        "PEERINFER_LOG_LEVEL": "WARNING",
-    }
+    env = worker_env(model, args.threads, args.n_ctx, args.slots, PEERINFER_MAX_QUEUE="64")
     for name, command in servers(model, args.threads, args.n_ctx, args.slots).items():
         if wanted and not any(name.startswith(w) for w in wanted):
             continue

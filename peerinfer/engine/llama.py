@@ -250,8 +250,8 @@ class LlamaBackend:
         batch.n_tokens = count
         head = self._head
         if head_mode is None:
-            in_order = outputs_in_batch_order([len(item.tokens) for item in work])
-            head_mode = SKIP if self._head_on and outputs and in_order else OFF
+            in_order = self._head_on and outputs and outputs_in_batch_order([len(item.tokens) for item in work])
+            head_mode = SKIP if in_order else OFF
         if head is not None:
             head.arm(head_mode)
         status = lc.llama_decode(self.ctx, batch)

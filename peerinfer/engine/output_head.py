@@ -143,7 +143,8 @@ def open_head(model_path: Path, ggml_base: Path, n_vocab: int, n_embd: int, max_
         raise HeadUnavailable("this CPU lacks AVX2, FMA or F16C")
     path = model_path.resolve()
     try:
-        inode, size = path.stat().st_ino, path.stat().st_size
+        stat = path.stat()
+        inode, size = stat.st_ino, stat.st_size
         with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as header:
             tensor = _q8_0_output(header, n_vocab, n_embd, size)
     except OSError as exc:
