@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import stat
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ def test_select_live_keeps_newest_drops_withdrawn_and_counts_rejects() -> None:
         sign_record(make_record(IDENTITY, issued_at=NOW + 5, expires_at=NOW + 65, slots_free=2), IDENTITY),
         sign_record(make_record(second), second),
         sign_record(make_record(second, issued_at=NOW + 3, expires_at=NOW + 63, withdrawn=True), second),
-        _tamper(GOOD, queue=5),
+        _tamper(GOOD, queue=5, issued_at=NOW + 7, expires_at=NOW + 67),  # the newest, but forged: checked, dropped
         b"junk",
     ]
     live = select_live(values, NOW + 10)
@@ -204,3 +205,39 @@ def test_guess_announce_url(argv: list[str], expected: str) -> None:
 def test_pick_model(served: list[tuple[str, str]], name: str | None, expected: str | None) -> None:
     records = [make_record(IDENTITY, model=model, sha256=sha) for model, sha in served]
     assert pick_model(records, name) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"[" * 2000, "malformed"),  # deep nesting: json.loads raised RecursionError through every reader
+        (b'{"record": ' + b"[" * 1990, "malformed"),
+        (_tamper(GOOD, tokens_per_s=10**400), "bad_field"),  # raised OverflowError in math.isfinite
+        (_tamper(GOOD, issued_at=10**400), "bad_field"),
+        (_tamper(GOOD, tokens_per_s=float("nan")), "bad_field"),
+        (_tamper(GOOD, tokens_per_s=float("inf")), "bad_field"),
+        (_tamper(GOOD, tokens_per_s=1e9), "bad_field"),  # a claimed speed no CPU peer has
+        (_tamper(GOOD, version=True), "bad_version"),  # True == 1 in Python, but it is not the version
+        (_tamper(GOOD, endpoints=[[[]]]), "bad_field"),
+        (GOOD.replace(b'"sig":"', b'"sig":["'), "malformed"),
+    ],
+)
+def test_hostile_values_are_rejected_not_raised(data: bytes, reason: str) -> None:
+    with pytest.raises(RecordRejected) as caught:
+        verify_record(data, NOW)
+    assert caught.value.reason == reason
+    assert select_live([data, GOOD], NOW).records == [make_record(IDENTITY)]  # the reader goes on
+
+
+def test_select_live_checks_each_signature_once_and_caps_the_checks() -> None:
+    sybils = [PeerIdentity.generate() for _ in range(6)]
+    flood = [sign_record(make_record(s), s) for s in sybils]
+    # The same value again and again costs one check; garbage costs none.
+    live = select_live([GOOD] * 50 + [b"x" * 100] * 50, NOW)
+    assert live.records == [make_record(IDENTITY)] and live.rejected == {"malformed": 50}
+    capped = select_live([*flood, GOOD], NOW, max_signatures=3, rng=random.Random(1))
+    assert len(capped.records) == 3 and capped.rejected == {"over_limit": 4}
+    # A peer that proved its key before is checked first, whatever the flood's order.
+    for seed in range(10):
+        first = select_live([*flood, GOOD], NOW, max_signatures=1, trusted={IDENTITY.peer_id}, rng=random.Random(seed))
+        assert first.records == [make_record(IDENTITY)]

@@ -10,10 +10,10 @@ key, its signature verifies, it has not expired and it was not issued too far in
 from __future__ import annotations
 
 import json
-import math
+import random
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -91,19 +91,26 @@ def sign_record(record: PeerRecord, identity: PeerIdentity) -> bytes:
 
 _INT_FIELDS = {"n_ctx": (1, 10_000_000), "slots_total": (1, 4096), "slots_free": (0, 4096), "queue": (0, 1_000_000)}
 _FIELDS = {f.name for f in PeerRecord.__dataclass_fields__.values()}
+MAX_TOKENS_PER_S = 100_000.0
+"""A claimed speed above this is not a CPU peer's; such a record is refused rather than believed."""
+MAX_TIMESTAMP = 1e11
+"""Issue and expiry times are Unix seconds; beyond this (year 5138) a value is not a time."""
+MAX_SIGNATURES_PER_READ = 512
+"""Signature checks one ``select_live`` does at most; the rest are counted as ``over_limit``."""
 
 
 def _check_int(body: dict[str, Any], name: str, low: int, high: int) -> int:
     value = body[name]
     if type(value) is not int or not low <= value <= high:
-        raise RecordRejected("bad_field", f"{name}={value!r} is not an integer in [{low}, {high}]")
+        raise RecordRejected("bad_field", f"{name}={str(value)[:40]!r} is not an integer in [{low}, {high}]")
     return value
 
 
-def _check_number(body: dict[str, Any], name: str) -> float:
+def _check_number(body: dict[str, Any], name: str, high: float = MAX_TIMESTAMP) -> float:
     value = body[name]
-    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
-        raise RecordRejected("bad_field", f"{name}={value!r} is not a finite non-negative number")
+    # Compared before any float(): a 400-digit integer does not fit in one. NaN fails every comparison.
+    if type(value) not in (int, float) or not 0 <= value <= high:
+        raise RecordRejected("bad_field", f"{name}={str(value)[:40]!r} is not a number in [0, {high:g}]")
     return float(value)
 
 
@@ -125,9 +132,11 @@ def _check_endpoints(value: Any) -> tuple[str, ...]:
 
 def _parse_body(body: dict[str, Any]) -> PeerRecord:
     if set(body) != _FIELDS:
-        raise RecordRejected("bad_field", f"fields {sorted(set(body) ^ _FIELDS)} are missing or unexpected")
-    if body["version"] != PROTOCOL_VERSION:
-        raise RecordRejected("bad_version", f"protocol version {body['version']!r}, expected {PROTOCOL_VERSION}")
+        raise RecordRejected("bad_field", f"fields {sorted(set(body) ^ _FIELDS)[:8]} are missing or unexpected")
+    if type(body["version"]) is not int or body["version"] != PROTOCOL_VERSION:
+        raise RecordRejected(
+            "bad_version", f"protocol version {str(body['version'])[:20]!r}, expected {PROTOCOL_VERSION}"
+        )
     if not isinstance(body["withdrawn"], bool):
         raise RecordRejected("bad_field", "withdrawn must be true or false")
     ints = {name: _check_int(body, name, *bounds) for name, bounds in _INT_FIELDS.items()}
@@ -139,7 +148,7 @@ def _parse_body(body: dict[str, Any]) -> PeerRecord:
         endpoints=_check_endpoints(body["endpoints"]),
         model=_check_str(body, "model", MAX_MODEL_CHARS),
         sha256=_check_str(body, "sha256", 64, _HEX64),
-        tokens_per_s=_check_number(body, "tokens_per_s"),
+        tokens_per_s=_check_number(body, "tokens_per_s", MAX_TOKENS_PER_S),
         issued_at=_check_number(body, "issued_at"),
         expires_at=_check_number(body, "expires_at"),
         instance=_check_str(body, "instance", 16, _HEX16),
@@ -148,63 +157,133 @@ def _parse_body(body: dict[str, Any]) -> PeerRecord:
     )
 
 
-def verify_record(data: bytes, now: float, max_skew_s: float = DEFAULT_MAX_SKEW_S) -> PeerRecord:
-    """The record in ``data`` if a reader may trust it; otherwise raises ``RecordRejected``."""
+@dataclass(frozen=True)
+class _Parsed:
+    """A record whose form, id and times are checked; only its signature is not (the costly part)."""
+
+    record: PeerRecord
+    public_key: bytes
+    signature: bytes
+
+    def signature_ok(self) -> bool:
+        return verify_signature(self.public_key, self.signature, RECORD_DOMAIN + canonical(self.record.as_dict()))
+
+
+def _parse(data: bytes, now: float, max_skew_s: float) -> _Parsed:
+    """Every check but the signature, cheapest first; raises ``RecordRejected``."""
     if len(data) > MAX_RECORD_BYTES:
         raise RecordRejected("too_large", f"{len(data)} bytes, at most {MAX_RECORD_BYTES}")
+    if not data.lstrip()[:1] == b"{":
+        raise RecordRejected("malformed", "not a JSON object")
     try:
         envelope = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RecordRejected("malformed", f"not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: deep nesting such as b"[" * 2000
+        raise RecordRejected("malformed", f"not JSON: {str(exc)[:80]}") from exc
     if not isinstance(envelope, dict) or set(envelope) != {"record", "sig"} or not isinstance(envelope["record"], dict):
         raise RecordRejected("malformed", "expected an object with 'record' and 'sig'")
     record = _parse_body(envelope["record"])
+    if not isinstance(envelope["sig"], str) or len(envelope["sig"]) > 128:
+        raise RecordRejected("bad_field", "sig must be a base64 string")
     try:
         public_key = unb64(record.public_key)
-        signature = unb64(str(envelope["sig"]))
+        signature = unb64(envelope["sig"])
     except ValueError as exc:
         raise RecordRejected("bad_field", "public_key or sig is not base64") from exc
     if peer_id_for(public_key) != record.peer_id:
         raise RecordRejected("id_mismatch", f"peer id {record.peer_id} does not belong to its public key")
-    if not verify_signature(public_key, signature, RECORD_DOMAIN + canonical(record.as_dict())):
-        raise RecordRejected("bad_signature", f"the signature of peer {record.peer_id} does not verify")
     if record.issued_at > now + max_skew_s:
         raise RecordRejected("future", f"issued {record.issued_at - now:.0f} s in the future (clock skew)")
     if record.expires_at <= now:
         raise RecordRejected("expired", f"expired {now - record.expires_at:.0f} s ago")
     if not 0 < record.expires_at - record.issued_at <= MAX_LIFETIME_S:
         raise RecordRejected("bad_field", f"lifetime must be within (0, {MAX_LIFETIME_S:.0f}] s")
-    return record
+    return _Parsed(record, public_key, signature)
+
+
+def _parse_any(data: Any, now: float, max_skew_s: float) -> _Parsed:
+    """``_parse`` for a value of any type: whatever goes wrong is a rejection, never an exception."""
+    if not isinstance(data, bytes):
+        raise RecordRejected("malformed", f"a DHT value must be bytes, not {type(data).__name__}")
+    try:
+        return _parse(data, now, max_skew_s)
+    except RecordRejected:
+        raise
+    except Exception as exc:  # a reader never raises on a value: a check we missed is still a rejection
+        raise RecordRejected("malformed", f"{type(exc).__name__} while reading it") from exc
+
+
+def verify_record(data: bytes, now: float, max_skew_s: float = DEFAULT_MAX_SKEW_S) -> PeerRecord:
+    """The record in ``data`` if a reader may trust it; otherwise raises ``RecordRejected``, and nothing else."""
+    parsed = _parse_any(data, now, max_skew_s)
+    if not parsed.signature_ok():
+        raise RecordRejected("bad_signature", f"the signature of peer {parsed.record.peer_id} does not verify")
+    return parsed.record
 
 
 @dataclass
 class VerifiedRecords:
-    """Each peer's newest live record, every live instance, and how many values were dropped, by reason."""
+    """Each peer's newest live record, every live instance, and how many values were dropped, by reason.
+
+    ``withdrawn`` holds the instances whose newest record is a withdrawal.
+    """
 
     records: list[PeerRecord] = field(default_factory=list)
     instances: list[PeerRecord] = field(default_factory=list)
     rejected: Counter[str] = field(default_factory=Counter)
+    withdrawn: list[PeerRecord] = field(default_factory=list)
 
 
-def select_live(values: Iterable[bytes], now: float, max_skew_s: float = DEFAULT_MAX_SKEW_S) -> VerifiedRecords:
-    """Verify every value and keep what is live.
+def select_live(
+    values: Iterable[bytes],
+    now: float,
+    max_skew_s: float = DEFAULT_MAX_SKEW_S,
+    *,
+    trusted: Collection[str] = (),
+    max_signatures: int = MAX_SIGNATURES_PER_READ,
+    rng: random.Random | None = None,
+) -> VerifiedRecords:
+    """Verify the values and keep what is live. Never raises on a value.
 
     Records are grouped by (peer id, instance): a running worker process is one instance. The newest
     record of an instance wins, and a withdrawal hides that instance at once. Of the live instances
     of one peer id (normally exactly one), the newest record is the peer's.
+
+    Cost under a flood: repeated values are read once; every check but the signature runs first
+    (JSON, fields, id, times); per instance only the newest values are verified, until one verifies.
+    At most ``max_signatures`` signatures are checked: instances of ``trusted`` peers first (peers
+    that proved their key before), the others in random order, so whoever floods the key cannot
+    choose which records crowd out the rest. The values left unverified count as ``over_limit``.
     """
     result = VerifiedRecords()
-    newest: dict[tuple[PeerId, str], PeerRecord] = {}
+    seen: set[bytes] = set()
+    groups: dict[tuple[PeerId, str], list[_Parsed]] = {}
     for data in values:
+        if isinstance(data, bytes) and data in seen:
+            continue
         try:
-            record = verify_record(data, now, max_skew_s)
+            parsed = _parse_any(data, now, max_skew_s)
         except RecordRejected as exc:
             result.rejected[exc.reason] += 1
             continue
-        key = (record.peer_id, record.instance)
-        current = newest.get(key)
-        if current is None or (record.issued_at, record.withdrawn) > (current.issued_at, current.withdrawn):
-            newest[key] = record
+        seen.add(data)
+        groups.setdefault((parsed.record.peer_id, parsed.record.instance), []).append(parsed)
+    order = list(groups)
+    (rng or random.Random()).shuffle(order)
+    order.sort(key=lambda key: key[0] not in trusted)
+    budget = max_signatures
+    newest: dict[tuple[PeerId, str], PeerRecord] = {}
+    for key in order:
+        candidates = sorted(groups[key], key=lambda p: (p.record.issued_at, p.record.withdrawn), reverse=True)
+        for index, parsed in enumerate(candidates):
+            if budget <= 0:
+                result.rejected["over_limit"] += len(candidates) - index
+                break
+            budget -= 1
+            if parsed.signature_ok():
+                newest[key] = parsed.record  # older values of this instance are superseded: not checked
+                break
+            result.rejected["bad_signature"] += 1
+    result.withdrawn = [record for record in newest.values() if record.withdrawn]
     result.instances = sorted(
         (record for record in newest.values() if not record.withdrawn), key=lambda r: (r.peer_id, -r.issued_at)
     )
@@ -226,12 +305,13 @@ def challenge_message(nonce: bytes) -> bytes:
 
 
 def verify_challenge(record: PeerRecord, nonce: bytes, answer: Any) -> bool:
-    """True only if ``answer`` (the worker's JSON) is ``record``'s key signing ``nonce``."""
+    """True only if ``answer`` (the worker's JSON) is ``record``'s key signing ``nonce``. Never raises."""
     if not isinstance(answer, dict) or answer.get("peer_id") != record.peer_id:
         return False
+    signature = answer.get("signature")
+    if not isinstance(signature, str) or len(signature) > 128:
+        return False
     try:
-        signature = unb64(str(answer.get("signature", "")))
-        public_key = unb64(record.public_key)
+        return verify_signature(unb64(record.public_key), unb64(signature), challenge_message(nonce))
     except ValueError:
         return False
-    return verify_signature(public_key, signature, challenge_message(nonce))
