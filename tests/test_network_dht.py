@@ -24,7 +24,15 @@ from peerinfer.engine.fake import FakeEngine
 from peerinfer.network.dht import DhtNode
 from peerinfer.network.identity import PeerIdentity, b64
 from peerinfer.network.records import model_key, sign_record
-from tests.network_support import STORY, ThreadWorker, bootstrap_node, net_settings, network_id, story_responder
+from tests.network_support import (
+    STORY,
+    ThreadWorker,
+    bootstrap_node,
+    net_settings,
+    network_id,
+    story_responder,
+    wait_until,
+)
 from tests.test_network_records import make_record
 
 FAKE_SHA = FakeEngine().info.sha256
@@ -199,3 +207,49 @@ def test_no_peers_is_one_line_error(net: Net) -> None:
     with contextlib.redirect_stderr(err):
         assert client_main(argv, io.StringIO(), err) == 1
     assert err.getvalue().startswith("error: no usable peer")
+
+
+def test_worker_keeps_announcing_through_garbage_values_and_failing_puts(net: Net, tmp_path: Path) -> None:
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("peerinfer.network.worker")
+    logger.addHandler(handler)
+    try:
+        worker = net.add_worker(tmp_path / "w", record_lifetime_s=2.0, record_refresh_s=0.4)
+        network = worker.app.state.network
+        with net.client() as client:
+            assert [r.peer_id for r in client.discovery.lookup(FAKE_SHA).records] == [worker.peer_id]
+            # Values that made every reader raise: the worker's own clash check read them and its
+            # announcer died, so its record expired while its HTTP side stayed healthy.
+            huge = json.loads(
+                sign_record(make_record(PeerIdentity.generate(), sha256=FAKE_SHA), PeerIdentity.generate())
+            )
+            huge["record"]["tokens_per_s"] = 10**400
+            for garbage in (b"[" * 2000, json.dumps(huge).encode()):
+                net.boot.put(model_key(FAKE_SHA), garbage)
+            wait_until(lambda: b"[" * 2000 in net.boot.get(model_key(FAKE_SHA), 2.0), 10, "the garbage was not stored")
+            seen = time.time() + 2.0  # several clash checks (every 0.4 s) later
+            wait_until(lambda: _announced_after(client, worker.peer_id, seen), 20, "the worker stopped announcing")
+
+            # A put that raises (the DHT node in trouble) is logged and retried, not fatal.
+            real_put, calls = network.node.put, []
+
+            def failing_put(key: str, data: bytes) -> None:
+                calls.append(key)
+                raise RuntimeError("the DHT node is in trouble")
+
+            network.node.put = failing_put
+            wait_until(lambda: len(calls) >= 3, 20, "the announcer stopped after a failed put")
+            network.node.put = real_put
+            recovered = time.time()
+            wait_until(
+                lambda: _announced_after(client, worker.peer_id, recovered), 20, "no announcement after recovery"
+            )
+        assert any("announcing the record failed (RuntimeError: the DHT node is in trouble" in m for m in messages)
+    finally:
+        logger.removeHandler(handler)
+
+
+def _announced_after(client: RoutedClient, peer_id: str, when: float) -> bool:
+    return any(r.peer_id == peer_id and r.issued_at > when for r in client.discovery.lookup(FAKE_SHA).records)

@@ -87,6 +87,7 @@ class WorkerNetwork:
         self.started_at = 0.0
         self.clashes: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self.announce_rounds = 0  # announce and clash-check steps done, failed or not
         self.router = self._make_router()
 
     async def start(self) -> None:
@@ -148,19 +149,36 @@ class WorkerNetwork:
             return
         try:
             self.tokens_per_s = await measure_tokens_per_s(engine)
-        except PeerInferError as exc:
-            log.warning("could not measure tokens/s: %s", exc.message)
+        except Exception as exc:  # the worker still serves and announces, with an unknown speed
+            log.warning("could not measure tokens/s (%s); announcing 0", _one_line(exc))
         refresh = self.settings.record_refresh_s or self.settings.record_lifetime_s / 3
+        failures = 0
         while True:
-            self._put(self.record(engine))
-            await asyncio.sleep(refresh / 2)
-            await self._check_clash(engine)
-            await asyncio.sleep(refresh / 2)
+            # One bad step (a DHT put that raises, a value that trips the clash check) must not end
+            # the announcements: the record would expire and the worker leave the network unseen.
+            for what, step in (("announcing the record", self._announce), ("the clash check", self._check_clash)):
+                try:
+                    await step(engine)
+                    failures = 0
+                except Exception as exc:
+                    failures += 1
+                    log.error(
+                        "DHT: %s failed (%s; %d failures in a row); the worker keeps announcing every %.1f s",
+                        what,
+                        _one_line(exc),
+                        failures,
+                        refresh,
+                    )
+                self.announce_rounds += 1
+                await asyncio.sleep(refresh / 2)
+
+    async def _announce(self, engine: Engine) -> None:
+        self._put(self.record(engine))
 
     async def _check_clash(self, engine: Engine) -> None:
         assert self.identity is not None and self.node is not None
         values = await asyncio.to_thread(self.node.get, model_key(engine.info.sha256), 2.0)
-        for record in select_live(values, time.time()).instances:
+        for record in select_live(values, time.time(), trusted={self.identity.peer_id}).instances:
             # A record issued after this process started cannot come from a dead earlier run of it.
             clash = record.instance != self.instance and record.issued_at > self.started_at
             if record.peer_id == self.identity.peer_id and clash and record.instance not in self.clashes:
@@ -205,6 +223,11 @@ class WorkerNetwork:
             )
 
         return router
+
+
+def _one_line(exc: BaseException) -> str:
+    text = exc.message if isinstance(exc, PeerInferError) else str(exc)
+    return f"{type(exc).__name__}: {' '.join(text.split())[:200]}"
 
 
 def _read_nonce(body: bytes) -> bytes:
