@@ -97,6 +97,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
+    # An extension (llama-server's name): read ``<eos>``-like text in the prompt as control tokens.
+    parse_special: bool = False
 
     @field_validator("prompt")
     @classmethod

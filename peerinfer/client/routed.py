@@ -10,25 +10,27 @@ A chat turn goes back to the peer that answered the conversation's last turn whe
 a free slot, since it can reuse the conversation's prompt from its cache.
 
 Per request: at most one DHT lookup (none while the last one is younger than ``lookup_ttl_s``),
-``probe_count`` health probes in parallel, a signed-nonce check the first time a peer is used,
-then the request. Before the first token a failing peer is replaced at once; after it, the answer
-is resumed on another peer from the text streamed so far. Attempts are capped at ``max_attempts``.
+``probe_count`` health probes in parallel (more, in growing waves, while none passes), a
+signed-nonce check the first time a peer is used, then the request. The choice has one deadline,
+``choose_timeout_s``; whatever a peer sends that is not what a worker sends bans it. Before the
+first token a failing peer is replaced at once; after it, the answer is resumed on another peer
+from the text streamed so far. Attempts are capped at ``max_attempts``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
-import secrets
+import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-import requests
-
+from peerinfer.client.peer_http import PeerRejected
 from peerinfer.client.routing import (
     BanList,
     Probe,
@@ -37,15 +39,17 @@ from peerinfer.client.routing import (
     choose_with_affinity,
     conversation_key,
     failure_action,
+    probes_to_launch,
     remaining_tokens,
     resume_messages,
 )
 from peerinfer.client.sdk import Message, PeerInferClient, StreamStats, TextStream
+from peerinfer.client.vetting import vet_peer
 from peerinfer.errors import ClientError, NoPeersError
 from peerinfer.network.addresses import dht_bind_host, parse_bootstrap
 from peerinfer.network.discovery import Discovery, Lookup
-from peerinfer.network.identity import PeerId, b64
-from peerinfer.network.records import PeerRecord, verify_challenge
+from peerinfer.network.identity import PeerId
+from peerinfer.network.records import PeerRecord
 
 log = logging.getLogger(__name__)
 Chooser = Callable[[Sequence[Probe], random.Random], Probe]
@@ -78,6 +82,8 @@ class RoutedClient:
         max_attempts: int = 3,
         probe_count: int = 3,
         probe_timeout_s: float = 2.0,
+        choose_timeout_s: float = 5.0,
+        max_parallel_probes: int = 32,
         lookup_ttl_s: float = 5.0,
         discovery_timeout_s: float = 5.0,
         connect_timeout_s: float = 3.0,
@@ -104,6 +110,12 @@ class RoutedClient:
         self.max_attempts = max_attempts
         self.probe_count = probe_count
         self.probe_timeout_s = probe_timeout_s
+        self.choose_timeout_s = choose_timeout_s
+        self.max_parallel_probes = max_parallel_probes
+        self.failures: Counter[str] = Counter()  # probe failures by reason, since the client started
+        self._lock = threading.Lock()  # bans and proofs are updated from probe threads
+        # Probes that outlive a choice finish in the background, so the pool has room for two choices.
+        self._pool = ThreadPoolExecutor(max_workers=2 * max_parallel_probes, thread_name_prefix="peerinfer-probe")
         self.lookup_ttl_s = lookup_ttl_s
         self.bans = BanList()
         self.rng = rng or random.Random()
@@ -127,72 +139,112 @@ class RoutedClient:
             self.lookups += 1
         return list(self._lookup.records)
 
-    def probe(self, record: PeerRecord) -> Probe | None:
-        """One ``/health`` round trip; None if the peer is down or serves another model."""
-        url = record.endpoints[0]
-        started = time.perf_counter()
-        try:
-            health = requests.get(url + "/health", timeout=self.probe_timeout_s)
-            body = health.json()
-        except (requests.RequestException, ValueError):
-            return None
-        rtt = time.perf_counter() - started
-        if health.status_code != 200 or not isinstance(body, dict) or body.get("sha256") != record.sha256:
-            return None
-        return Probe(
-            peer_id=record.peer_id,
-            url=url,
-            rtt_s=rtt,
-            slots_total=int(body.get("slots_total", record.slots_total)),
-            slots_free=int(body.get("slots_free", 0)),
-            queue=int(body.get("requests_waiting", 0)),
-            tokens_per_s=record.tokens_per_s,
-        )
+    def proven(self, record: PeerRecord) -> bool:
+        """Whether this endpoint has signed a fresh nonce with the record's key before."""
+        return (record.peer_id, record.endpoints[0]) in self._verified
 
-    def holds_key(self, record: PeerRecord) -> bool:
-        """Whether the endpoint signs a fresh nonce with the record's key; remembered once true."""
-        url = record.endpoints[0]
-        if (record.peer_id, url) in self._verified:
-            return True
-        nonce = secrets.token_bytes(32)
+    def vet(self, record: PeerRecord, deadline: float) -> Probe:
+        """Probe the peer (and challenge it, the first time) by ``deadline``; a failure bans it.
+
+        Runs in a probe thread, and may finish after ``pick`` has returned: a peer that failed is
+        banned all the same, and one that passed is remembered as proven.
+        """
         try:
-            answer = requests.post(url + "/peer/challenge", json={"nonce": b64(nonce)}, timeout=self.probe_timeout_s)
-            ok = answer.status_code == 200 and verify_challenge(record, nonce, answer.json())
-        except (requests.RequestException, ValueError):
-            ok = False
-        if ok:
-            self._verified.add((record.peer_id, url))
-        else:
-            log.warning("peer %s at %s cannot prove it holds its record's key; not using it", record.peer_id, url)
-        return ok
+            probe = vet_peer(record, deadline=deadline, challenge=not self.proven(record))
+        except Exception as exc:  # PeerRejected, or a bug: either way this peer is not used now
+            reason = exc.reason if isinstance(exc, PeerRejected) else "error"
+            with self._lock:
+                ban_s = self.bans.fail(record.peer_id, time.monotonic())
+                self.failures[reason] += 1
+            log.warning(
+                "peer %s at %s failed its probe (%s); banned for %.0f s",
+                record.peer_id,
+                record.endpoints[0],
+                exc,
+                ban_s,
+            )
+            raise
+        with self._lock:
+            self._verified.add((record.peer_id, record.endpoints[0]))
+            self.discovery.trusted.add(record.peer_id)
+        return probe
+
+    def probe(self, record: PeerRecord) -> Probe | None:
+        """One vetting of ``record`` within ``probe_timeout_s``; None if it failed."""
+        try:
+            return self.vet(record, time.monotonic() + self.probe_timeout_s)
+        except PeerRejected:
+            return None
 
     def pick(self, exclude: set[str], prefer: str | None = None) -> tuple[PeerRecord, Probe]:
-        """Probe a few candidates (and ``prefer``, if it is listed) and choose one that proves its identity."""
+        """A peer that answers its probe and proves its key, within ``choose_timeout_s``.
+
+        The choice has one deadline, whatever the records say: probes start in waves (see
+        ``probes_to_launch``) and the first usable answers are compared (power of two choices, or
+        ``prefer`` when it has a free slot). If nothing passes, one fresh lookup is tried in the
+        time left. Raises ``NoPeersError``.
+        """
+        deadline = time.monotonic() + self.choose_timeout_s
         for fresh in (False, True):
             records = {record.peer_id: record for record in self.peers(fresh=fresh)}
-            skip = exclude | self.bans.banned(time.monotonic())
-            while True:
-                candidates = candidates_to_probe(list(records.values()), skip, self.probe_count, self.rng)
-                if not candidates:
-                    break
-                wanted = records.get(PeerId(prefer)) if prefer is not None and prefer not in skip else None
-                if wanted is not None and wanted not in candidates:
-                    candidates.append(wanted)
-                with ThreadPoolExecutor(max_workers=len(candidates)) as pool:
-                    probes = [probe for probe in pool.map(self.probe, candidates) if probe is not None]
-                failed = {record.peer_id for record in candidates} - {probe.peer_id for probe in probes}
-                for peer in failed:
-                    self.bans.fail(peer, time.monotonic())
-                skip |= failed
-                while probes:
-                    chosen = choose_with_affinity(probes, prefer, self.rng, self.chooser)
-                    if self.holds_key(records[chosen.peer_id]):
-                        return records[chosen.peer_id], chosen
-                    self.bans.fail(chosen.peer_id, time.monotonic())
-                    skip.add(chosen.peer_id)
-                    probes = [probe for probe in probes if probe.peer_id != chosen.peer_id]
+            chosen = self._choose(records, exclude, prefer, deadline)
+            if chosen is not None:
+                return records[chosen.peer_id], chosen
+            if time.monotonic() >= deadline:
+                break
         model = self.model_sha256 or self.model_name or "the most served model"
-        raise NoPeersError(f"no usable peer for {model}: none found on the DHT, or all are down or banned")
+        raise NoPeersError(
+            f"no usable peer for {model} within {self.choose_timeout_s:g} s: none found on the DHT, "
+            f"or all are down, banned or failed their checks ({dict(self.failures) or 'no probe failed'})"
+        )
+
+    def _choose(
+        self, records: dict[PeerId, PeerRecord], exclude: set[str], prefer: str | None, deadline: float
+    ) -> Probe | None:
+        with self._lock:
+            skip = exclude | self.bans.banned(time.monotonic())
+            proven = {peer for peer, _ in self._verified}
+        queue = candidates_to_probe(list(records.values()), skip, len(records), self.rng, proven)
+        wanted = records.get(PeerId(prefer)) if prefer is not None and prefer not in skip else None
+        if wanted is not None:
+            queue.remove(wanted)
+            queue.insert(0, wanted)
+        pending: dict[Future[Probe], PeerRecord] = {}
+        passed: list[Probe] = []
+        wave, launched_at, first_pass_at = self.probe_count + (wanted is not None), -math.inf, math.inf
+        started = time.monotonic()
+        interval = max(0.05, self.probe_timeout_s / 4)
+        while True:
+            now = time.monotonic()
+            if not passed:
+                count = probes_to_launch(
+                    len(pending), len(queue), wave, self.max_parallel_probes, now - launched_at >= interval
+                )
+                if count:
+                    for record in queue[:count]:
+                        pending[self._pool.submit(self.vet, record, min(deadline, now + self.probe_timeout_s))] = record
+                    del queue[:count]
+                    wave, launched_at = wave * 2, now
+            if passed and (
+                not pending
+                or now >= first_pass_at + max(0.05, first_pass_at - started)  # waited as long again for the others
+                or any(probe.peer_id == prefer and probe.slots_free > 0 for probe in passed)
+            ):
+                break
+            if (not pending and not queue) or now >= deadline:
+                break
+            next_wave = launched_at + interval if queue and not passed else math.inf
+            wake = min(deadline, first_pass_at + max(0.05, first_pass_at - started), next_wave)
+            done, _ = wait(list(pending), timeout=max(0.0, wake - now), return_when=FIRST_COMPLETED)
+            for future in done:
+                pending.pop(future)
+                if future.exception() is None:
+                    passed.append(future.result())
+                    first_pass_at = min(first_pass_at, time.monotonic())
+        # Probes still in flight go on in the background: their verdicts (bans, proofs) are kept.
+        if not passed:
+            return None
+        return choose_with_affinity(passed, prefer, self.rng, self.chooser)
 
     def client_for(self, url: str) -> PeerInferClient:
         if url not in self._clients:
@@ -245,6 +297,7 @@ class RoutedClient:
         return "".join(self.chat_stream(messages, **params))
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for client in self._clients.values():
             client.close()
         if self._node is not None:
@@ -320,10 +373,12 @@ class RoutedStream:
                 action = failure_action(exc.status, bool(partial))
                 if action == "fatal":
                     raise
-                client.bans.fail(record.peer_id, time.monotonic())
+                with client._lock:
+                    client.bans.fail(record.peer_id, time.monotonic())
                 reason = exc.message
                 continue
-            client.bans.succeed(record.peer_id)
+            with client._lock:
+                client.bans.succeed(record.peer_id)
             self.stats = _combined_stats(stream.stats, started, first, deltas, earlier)
             if self._answered is not None:
                 self._answered(record.peer_id, partial)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,13 +47,32 @@ def estimate_ttft_s(probe: Probe) -> float:
 
 
 def candidates_to_probe(
-    records: Sequence[PeerRecord], banned: set[str], count: int, rng: random.Random
+    records: Sequence[PeerRecord], banned: set[str], count: int, rng: random.Random, proven: Collection[str] = ()
 ) -> list[PeerRecord]:
-    """Up to ``count`` unbanned peers, those whose record shows more free slots first, ties at random."""
+    """Up to ``count`` unbanned peers in the order to probe them.
+
+    Peers that proved their key to this client before come first. The rest are in random order,
+    those whose record claims a free slot ahead of those that claim none. A claim is only that
+    bit: a record that claims 4096 free slots ranks like one that claims 1, so a crowd of liars
+    is shuffled in with the honest peers instead of always coming first.
+    """
     usable = [record for record in records if record.peer_id not in banned]
     rng.shuffle(usable)
-    usable.sort(key=lambda record: record.queue - record.slots_free)
+    usable.sort(key=lambda record: (record.peer_id not in proven, record.slots_free == 0))
     return usable[:count]
+
+
+def probes_to_launch(in_flight: int, queued: int, wave: int, max_parallel: int, due: bool) -> int:
+    """How many more peers to start probing now, while no peer has passed yet.
+
+    A first wave of ``wave`` peers; whenever every probe in flight has ended, or a wave interval
+    has passed (``due``) without a usable peer, the next wave, twice as large. So a crowd of
+    silent endpoints costs wave intervals, not probe time-outs, and the choice stays within its
+    deadline. At most ``max_parallel`` probes are in flight.
+    """
+    if queued <= 0 or (in_flight and not due):
+        return 0
+    return max(0, min(wave, queued, max_parallel - in_flight))
 
 
 def choose_peer(probes: Sequence[Probe], rng: random.Random) -> Probe:

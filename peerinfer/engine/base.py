@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from peerinfer.engine.prompt import PromptPart
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -123,7 +125,9 @@ class Engine(Protocol):
     def load(self) -> None:
         """Blocking: load weights. Called once, off the event loop."""
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]: ...
+    def tokenize(self, prompt: str | Sequence[PromptPart], *, add_bos: bool) -> list[int]:
+        """Token ids. A ``str`` is text: ``<eos>`` in it is five characters, never the control token.
+        Parts make control tokens from their markup only (see ``prompt.split_at_controls``)."""
 
     def submit(self, generation: Generation) -> None:
         """Queue a generation; raises ``OverloadedError`` when the queue is full."""

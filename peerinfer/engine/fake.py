@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingParams
+from peerinfer.engine.prompt import PromptPart
 from peerinfer.engine.scheduler import BatchScheduler, SlotWork
 
 END_TOKEN = 0
@@ -112,8 +113,9 @@ class FakeEngine:
         self._scheduler.start()
         self._loaded = True
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        return [byte + 1 for byte in text.encode()]
+    def tokenize(self, prompt: str | Sequence[PromptPart], *, add_bos: bool) -> list[int]:
+        text = prompt if isinstance(prompt, str) else "".join(part.text for part in prompt)
+        return [byte + 1 for byte in text.encode()]  # bytes only: this vocabulary has no control tokens
 
     def submit(self, generation: Generation) -> None:
         self._scheduler.submit(generation)

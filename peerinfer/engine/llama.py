@@ -24,6 +24,7 @@ from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingPa
 from peerinfer.engine.batching import fillers, outputs_in_batch_order, rows_to_pad
 from peerinfer.engine.model_files import ModelFile, open_model_file
 from peerinfer.engine.output_head import CAPTURE, OFF, SKIP, HeadUnavailable, OutputHead, open_head
+from peerinfer.engine.prompt import ControlToken, PromptPart, split_at_controls
 from peerinfer.engine.scheduler import BatchScheduler, SlotWork
 from peerinfer.errors import EngineError
 from peerinfer.settings import WorkerSettings
@@ -134,15 +135,40 @@ class LlamaBackend:
         self.eos_token = _token_text(self.vocab, lc.llama_vocab_eos(self.vocab))
         self._pad_token = max(0, int(lc.llama_vocab_bos(self.vocab)))
 
-    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool, special: bool = False) -> list[int]:
+        """``special``: parse control tokens (``<eos>``) in ``text``; without it they are plain characters."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         while True:
             buffer = (lc.llama_token * capacity)()
-            count = lc.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_bos, True)
+            count = lc.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_bos, special)
             if count >= 0:
                 return list(buffer[:count])
             capacity = -count
+
+    def tokenize_parts(self, parts: Sequence[PromptPart], add_bos: bool) -> list[int]:
+        """Control tokens from the markup only; each run of text between them is read as text.
+
+        llama.cpp reads the text between special tokens fragment by fragment in the same way, so
+        ordinary messages give the same tokens as the whole prompt tokenised with special parsing.
+        """
+        runs, controls = split_at_controls(parts, self._controls_in)
+        tokens = self.tokenize(runs[0], add_bos)
+        for control, run in zip(controls, runs[1:], strict=True):
+            tokens.append(control)
+            tokens += self.tokenize(run, False)
+        return tokens
+
+    def _controls_in(self, markup: str) -> list[ControlToken]:
+        found: list[ControlToken] = []
+        for token in dict.fromkeys(self.tokenize(markup, False, special=True)):
+            attr = int(lc.llama_vocab_get_attr(self.vocab, token))
+            # the tokens llama_tokenize makes only when told to parse special tokens
+            if attr & (lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_UNKNOWN):
+                lstrip = bool(attr & lc.LLAMA_TOKEN_ATTR_LSTRIP)
+                rstrip = bool(attr & lc.LLAMA_TOKEN_ATTR_RSTRIP)
+                found.append(ControlToken(token, _token_text(self.vocab, token), lstrip, rstrip))
+        return found
 
     def _cut(self, slot: int, keep: int) -> int:
         """Forget a slot's cache past its first ``keep`` positions; all of it if llama.cpp cannot cut there."""
@@ -388,10 +414,12 @@ class LlamaEngine:
             backend.head_status,
         )
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+    def tokenize(self, prompt: str | Sequence[PromptPart], *, add_bos: bool) -> list[int]:
         if self._backend is None:
             raise EngineError("the model is not loaded yet")
-        return self._backend.tokenize(text, add_bos)
+        if isinstance(prompt, str):
+            return self._backend.tokenize(prompt, add_bos)
+        return self._backend.tokenize_parts(prompt, add_bos)
 
     def submit(self, generation: Generation) -> None:
         if self._scheduler is None:

@@ -62,9 +62,14 @@ class Discovery:
         self._get_timeout_s = get_timeout_s
         self._clock = clock
         self.rejected: Counter[str] = Counter()
+        self.trusted: set[str] = set()  # peers that proved their key: their records are checked first
 
     def verified(self, key: str) -> VerifiedRecords:
-        result = select_live(self._store.get(key, self._get_timeout_s), self._clock())
+        values = self._store.get(key, self._get_timeout_s)
+        result = select_live(values, self._clock(), trusted=self.trusted)
+        skipped = getattr(values, "skipped", 0)  # values the DHT node stopped reading (DhtNode.get's cap)
+        if skipped:
+            result.rejected["over_limit"] += skipped
         if result.rejected:
             log.info("dropped %d DHT values under %s: %s", sum(result.rejected.values()), key, dict(result.rejected))
         self.rejected.update(result.rejected)

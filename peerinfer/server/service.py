@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,7 +18,7 @@ from starlette.types import Receive
 from peerinfer.api import openai as wire
 from peerinfer.api import sse
 from peerinfer.engine.base import Engine, Event, Finished, Generation, SamplingParams, TextDelta
-from peerinfer.engine.prompt import ChatTurn, render_chat
+from peerinfer.engine.prompt import ChatTurn, PromptPart, render_chat
 from peerinfer.errors import ContextLengthError, EngineError, PeerInferError, RequestError
 from peerinfer.server.metrics import WorkerMetrics
 from peerinfer.settings import WorkerSettings
@@ -53,11 +53,12 @@ class CompletionService:
         self.settings = settings
         self.metrics = metrics
 
-    async def _tokenize(self, text: str, add_bos: bool, param: str) -> list[int]:
-        if len(text) <= INLINE_TOKENIZE_CHARS:
-            tokens = self.engine.tokenize(text, add_bos=add_bos)
+    async def _tokenize(self, prompt: str | Sequence[PromptPart], add_bos: bool, param: str) -> list[int]:
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(part.text) for part in prompt)
+        if chars <= INLINE_TOKENIZE_CHARS:
+            tokens = self.engine.tokenize(prompt, add_bos=add_bos)
         else:
-            tokens = await anyio.to_thread.run_sync(lambda: self.engine.tokenize(text, add_bos=add_bos))
+            tokens = await anyio.to_thread.run_sync(lambda: self.engine.tokenize(prompt, add_bos=add_bos))
         n_ctx = self.engine.info.n_ctx
         if not tokens:
             raise RequestError("the prompt is empty; send some text", param=param)
@@ -89,13 +90,21 @@ class CompletionService:
             eos_token=info.eos_token,
             continue_final=request.continue_final_message,
         )
-        tokens = await self._tokenize(prompt.text, prompt.add_bos, "messages")
+        # Control tokens come from the template's markup only, never from a message's text.
+        tokens = await self._tokenize(prompt.parts, prompt.add_bos, "messages")
         cap = self.settings.max_tokens_cap
         params = self._sampling(request, _max_tokens(request.token_limit, cap, cap), request.stops + prompt.stops)
         return PreparedRequest("chat", tokens, params, request.include_usage, not request.continue_final_message)
 
     async def prepare_completion(self, request: wire.CompletionRequest) -> PreparedRequest:
-        tokens = await self._tokenize(request.prompt_text, True, "prompt")
+        text = request.prompt_text
+        if request.parse_special:
+            bos = self.engine.info.bos_token
+            prompt: str | list[PromptPart] = [PromptPart(text, markup=True)]
+            add_bos = not (bos and text.startswith(bos))  # a prompt that writes its own BOS gets one
+        else:
+            prompt, add_bos = text, True  # text only: see the README on raw prompts
+        tokens = await self._tokenize(prompt, add_bos, "prompt")
         limit = _max_tokens(request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, self.settings.max_tokens_cap)
         params = self._sampling(request, limit, request.stops)
         return PreparedRequest("completion", tokens, params, request.include_usage, False)
