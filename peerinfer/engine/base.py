@@ -66,6 +66,14 @@ class EngineStats:
     slots_total: int
     slots_busy: int
     queued: int
+    # Decode calls that failed in a row, up to now (0: the last one worked), and the last one's error.
+    decode_failures: int = 0
+    last_error: str | None = None
+
+    @property
+    def failing(self) -> bool:
+        """The engine's last decode call failed: it may not be able to serve (``/health`` says degraded)."""
+        return self.decode_failures > 0
 
 
 @dataclass

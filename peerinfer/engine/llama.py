@@ -206,16 +206,30 @@ class LlamaBackend:
 
         A row without logits fills a gap between slots (one pass over the weights instead of two); a
         row with logits reaches a cheaper row count (see ``calibrate``).
+
+        A failed call leaves every slot's cache as before it: llama.cpp keeps what an earlier part of
+        the call wrote, so each row's cells are cut at its start.
         """
+        for item in work:
+            if not 0 <= item.start <= item.start + len(item.tokens) <= self.n_ctx_per_slot:
+                raise EngineError(
+                    f"slot {item.slot}: {len(item.tokens)} tokens from position {item.start} do not fit its "
+                    f"{self.n_ctx_per_slot}-token context"
+                )
         pad = sum(1 for item in work if item.want_output) in self._pad_rows
+        # A row at n_ctx_per_slot or later has no cell to go to: the whole call would fail.
+        spare = {slot: start for slot, start in spare.items() if 0 <= start < self.n_ctx_per_slot}
         extra = fillers([item.slot for item in work], spare, pad)
         added = [SlotWork(slot, [self._pad_token], spare[slot], False) for slot in extra.without_logits]
         if extra.with_logits is not None:
             added.append(SlotWork(extra.with_logits, [self._pad_token], spare[extra.with_logits], True))
-        if added:
-            work = sorted([*work, *added], key=lambda item: item.slot)
+        rows = sorted([*work, *added], key=lambda item: item.slot) if added else work
         try:
-            outputs = self._decode(work)
+            outputs = self._decode(rows)
+        except BaseException:
+            for item in work:
+                self._cut(item.slot, item.start)
+            raise
         finally:
             for item in added:
                 lc.llama_memory_seq_rm(self.memory, item.slot, item.start, -1)
@@ -225,10 +239,11 @@ class LlamaBackend:
     def pad_rows(self) -> frozenset[int]:
         return self._pad_rows
 
-    def calibrate(self) -> dict[int, float]:
+    def calibrate(self, pad_rows: frozenset[int] | None = None) -> dict[int, float]:
         """Time a step of 1 to ``slots`` rows once, at load, and pad the row counts that one more row speeds up.
 
         Returns the best of 3 times per row count, in ms. Must run before any slot is in use.
+        ``pad_rows`` overrides the choice (tests: throw-away rows on or off whatever the timings say).
         """
         self._decode([SlotWork(0, [self._pad_token], 0, True)])  # the first call allocates
         lc.llama_memory_seq_rm(self.memory, 0, -1, -1)
@@ -249,7 +264,7 @@ class LlamaBackend:
                 for slot in range(rows):
                     lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
             step_ms[rows] = 1000 * best
-        self._pad_rows = rows_to_pad(step_ms)
+        self._pad_rows = rows_to_pad(step_ms) if pad_rows is None else pad_rows
         return step_ms
 
     def _decode(self, work: Sequence[SlotWork], head_mode: int | None = None) -> list[tuple[int, int]]:
@@ -355,11 +370,13 @@ class LlamaBackend:
 class LlamaEngine:
     """The production engine: a ``LlamaBackend`` driven by a ``BatchScheduler``.
 
-    Construction touches no disk; ``load`` resolves, checks and loads the model.
+    Construction touches no disk; ``load`` resolves, checks and loads the model. ``pad_rows``, for
+    tests only, fixes the step sizes that get a throw-away row instead of the load-time measurement.
     """
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, *, pad_rows: frozenset[int] | None = None) -> None:
         self._settings = settings
+        self._pad_rows = pad_rows
         self._backend: LlamaBackend | None = None
         self._scheduler: BatchScheduler | None = None
         self._info: ModelInfo | None = None
@@ -399,7 +416,7 @@ class LlamaEngine:
             first_token_pause_s=settings.first_token_pause_ms / 1000,
         )
         try:
-            step_ms = scheduler.start(prepare=backend.calibrate) or {}
+            step_ms = scheduler.start(prepare=lambda: backend.calibrate(self._pad_rows)) or {}
         except BaseException:
             backend.close()
             self._backend = None

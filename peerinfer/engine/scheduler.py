@@ -16,12 +16,20 @@ Each step it:
 5. after a call that gave some stream its first text, pauses ``first_token_pause_s`` before the next one.
 
 The decoder is a ``DecodeBackend``: llama.cpp in production, a scripted fake in fast tests.
+
+A failed decode call fails only the requests it must. A call of several slots (or with throw-away
+rows) that fails is tried again slot by slot, without throw-away rows, and only a slot that fails
+alone is failed; the free slots offered for throw-away rows forget what their cache held. While the
+last call failed, ``stats`` says so (``/health`` answers degraded), and an idle scheduler probes
+the decoder every ``probe_interval_s`` with a one-token call, so that it finds out when it works again.
+
+The lock that ``submit`` and ``stats`` take on the event loop is never held while the backend works:
+admission takes the waiting requests under it, then copies and cuts caches after letting go.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -41,10 +49,12 @@ from peerinfer.engine.base import (
 )
 from peerinfer.engine.batching import choose_slot, reusable_prefix
 from peerinfer.engine.text import TextAssembler
+from peerinfer.engine.throughput import Throughput, retry_after_s
 from peerinfer.errors import OverloadedError, PeerInferError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_BUG = "internal error in the worker's scheduler"
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,8 @@ class DecodeBackend(Protocol):
         """Decode one batch; return the sampled token of every slot that asked for output.
 
         ``spare``: slots not in the batch that may hold a throw-away row, and the position it would take
-        (their cache must be as before once the call returns).
+        (always below ``n_ctx_per_slot``; their cache must be as before once the call returns). On
+        failure it raises ``PeerInferError`` and leaves every slot's cache as before the call.
         """
 
     def piece(self, token: int) -> bytes: ...
@@ -125,12 +136,22 @@ class BatchScheduler:
     # Events not yet handed to the event loop: flushed after each decode call and each iteration.
     _outbox: list[tuple[Generation, Event]] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
+    # While the last decode call failed and nothing runs: seconds between one-token probe calls.
+    probe_interval_s: float = 1.0
+    # Injected by tests, so that they observe pauses and measure rates without timing anything.
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
     _running: bool = False
     _thread: threading.Thread | None = None
-    _mean_request_s: float = 5.0
     _first_text_out: bool = False
     # The tokens each free slot still holds in its cache, in a form that a fresh read would give.
     _kept: dict[int, list[int]] = field(default_factory=dict)
+    _admitting: int = 0  # taken from the queue, not yet in a slot (the backend is preparing them)
+    _throughput: Throughput = field(default_factory=Throughput)
+    _finished_now: int = 0  # requests finished in the current iteration of the decoding thread
+    _decode_failures: int = 0  # decode calls failed in a row
+    _last_error: str | None = None
+    _probe_token: int | None = None  # a token some prompt held: what a probe call decodes
 
     def start(self, prepare: Callable[[], T] | None = None) -> T | None:
         """Start the decoding thread; ``prepare`` runs on it first, and ``start`` returns its result.
@@ -175,7 +196,7 @@ class BatchScheduler:
 
     def submit(self, generation: Generation) -> None:
         with self._cond:
-            if len(self._waiting) + len(self._active) >= self.slots + self.max_queue:
+            if len(self._waiting) + len(self._active) + self._admitting >= self.slots + self.max_queue:
                 raise OverloadedError(
                     f"all {self.slots} slots are busy and {len(self._waiting)} requests are already waiting "
                     f"(queue limit {self.max_queue}); retry later or raise PEERINFER_MAX_QUEUE",
@@ -185,37 +206,72 @@ class BatchScheduler:
             self._cond.notify_all()
 
     def retry_after(self) -> int:
-        """Seconds a rejected client should wait: the queue ahead of it, spread over the slots."""
-        ahead = len(self._waiting) + 1
-        return max(1, min(120, math.ceil(ahead / self.slots * self._mean_request_s)))
+        """Seconds a rejected client should wait: until the queue ahead of it and itself got a slot."""
+        return retry_after_s(len(self._waiting) + 1, self._throughput.per_s, self.slots)
 
     def stats(self) -> EngineStats:
         with self._cond:
-            return EngineStats(slots_total=self.slots, slots_busy=len(self._active), queued=len(self._waiting))
+            return EngineStats(
+                slots_total=self.slots,
+                slots_busy=len(self._active) + self._admitting,
+                queued=len(self._waiting),
+                decode_failures=self._decode_failures,
+                last_error=self._last_error if self._decode_failures else None,
+            )
 
     # The scheduler thread
 
     def _run(self) -> None:
         while True:
+            probe = False
             with self._cond:
                 while self._running and not self._waiting and not self._active:
-                    self._cond.wait()
+                    if not self._decode_failures:
+                        self._cond.wait()
+                    elif not self._cond.wait(timeout=self.probe_interval_s):
+                        probe = True
+                        break
                 if not self._running:
                     break
-                self._admit()
-            self._reap_cancelled()
-            if self._active:
-                try:
+                taken = self._take_waiting()
+            started = self.clock()
+            busy = bool(taken or self._active)
+            try:
+                self._admit(taken)
+                self._reap_cancelled()
+                if self._active:
                     self._step()
-                except Exception:
-                    # A bug must fail the requests in flight, not stop the only decoding thread.
-                    log.exception("scheduler step failed; failing the requests in flight")
-                    for slot in list(self._active.values()):
-                        self._finish(slot, "error", "internal error in the worker's scheduler")
+                elif probe:
+                    self._probe()
+            except Exception:
+                # A bug must fail the requests in flight, not stop the only decoding thread.
+                log.exception("scheduler step failed; failing the requests in flight")
+                self._after_bug()
             self._flush()
+            if busy:
+                self._throughput = self._throughput.after(self.clock() - started, self._finished_now)
+            self._finished_now = 0
         for slot in list(self._active.values()):
             self._finish(slot, "error", "the worker is shutting down")
         self._flush()
+
+    def _after_bug(self) -> None:
+        """After an unexpected error: fail what runs and forget every kept cache (it may not be what we think)."""
+        self._note_failure(_BUG)
+        with self._cond:
+            self._admitting = 0
+        for slot in list(self._active.values()):
+            try:
+                self._finish(slot, "error", _BUG)
+            except Exception:
+                log.exception("could not release slot %d", slot.index)
+                with self._cond:
+                    self._active.pop(slot.index, None)
+        for index in list(self._kept):
+            try:
+                self._forget(index)
+            except Exception:
+                log.exception("could not clear slot %d", index)
 
     def _emit(self, generation: Generation, event: Event) -> None:
         self._outbox.append((generation, event))
@@ -225,37 +281,74 @@ class BatchScheduler:
             batch, self._outbox = self._outbox, []
             deliver(batch)
 
-    def _admit(self) -> None:
-        free = [index for index in range(self.slots) if index not in self._active]
-        while free and self._waiting:
+    def _take_waiting(self) -> list[Generation]:
+        """Under the lock: the waiting requests that the free slots take now (first in, first out).
+
+        Only list work here: ``submit`` and ``stats`` wait on this lock from the event loop, so the
+        backend's part of admission (a KV copy of ~38 MB, a cut) runs after it is let go, in ``_admit``.
+        """
+        taken: list[Generation] = []
+        room = self.slots - len(self._active)
+        while len(taken) < room and self._waiting:
             generation = self._waiting.popleft()
             if generation.cancelled.is_set():
                 self._emit(generation, Finished("cancelled", len(generation.prompt_tokens), 0))
-                continue
-            prompt = generation.prompt_tokens
-            index = choose_slot(free, self._kept, prompt, self._reuse_unit) if self.reuse_prompts else free[0]
-            free.remove(index)
-            kept = self._kept.pop(index, [])
-            reuse = reusable_prefix(kept, prompt, self._reuse_unit) if self.reuse_prompts else 0
+            else:
+                taken.append(generation)
+        self._admitting = len(taken)
+        return taken
+
+    def _admit(self, taken: list[Generation]) -> None:
+        free = [index for index in range(self.slots) if index not in self._active]
+        for generation in taken:
             try:
-                donor, more = self._donor(prompt, index) if self.reuse_prompts else (None, 0)
-                if donor is not None and more > reuse:
-                    self.backend.copy(donor, index)
-                    reuse = more
-                reuse = self.backend.begin(index, generation.params, reuse)
-            except PeerInferError as exc:
-                self.backend.release(index, 0)
-                self._emit(generation, Finished("error", len(prompt), 0, exc.message))
-                continue
-            self._active[index] = _Slot(
-                index=index,
-                generation=generation,
-                assembler=TextAssembler(generation.params.stops),
-                admitted_at=time.monotonic(),
-                prefilled=reuse,
-                position=reuse,
-                cached=reuse,
+                slot = self._prepare(generation, free)
+            except Exception:
+                log.exception("admitting a request failed")
+                self._emit(generation, Finished("error", len(generation.prompt_tokens), 0, _BUG))
+                slot = None
+            with self._cond:
+                self._admitting -= 1
+                if slot is not None:
+                    self._active[slot.index] = slot
+
+    def _prepare(self, generation: Generation, free: list[int]) -> _Slot | None:
+        """Put ``generation`` in one of the ``free`` slots (removed from the list); None if it failed there."""
+        prompt = generation.prompt_tokens
+        if not 0 < len(prompt) <= self.backend.n_ctx_per_slot:
+            message = (
+                f"the prompt has {len(prompt)} tokens but a slot holds 1 to {self.backend.n_ctx_per_slot}; "
+                "shorten it or raise PEERINFER_N_CTX"
             )
+            self._emit(generation, Finished("error", len(prompt), 0, message))
+            return None
+        self._probe_token = prompt[0]
+        index = choose_slot(free, self._kept, prompt, self._reuse_unit) if self.reuse_prompts else free[0]
+        free.remove(index)
+        kept = self._kept.pop(index, [])
+        reuse = reusable_prefix(kept, prompt, self._reuse_unit) if self.reuse_prompts else 0
+        try:
+            donor, more = self._donor(prompt, index) if self.reuse_prompts else (None, 0)
+            if donor is not None and more > reuse:
+                self.backend.copy(donor, index)
+                reuse = more
+            reuse = self.backend.begin(index, generation.params, reuse)
+        except Exception as exc:
+            if not isinstance(exc, PeerInferError):
+                log.exception("preparing slot %d failed", index)
+            self.backend.release(index, 0)
+            message = exc.message if isinstance(exc, PeerInferError) else _BUG
+            self._emit(generation, Finished("error", len(prompt), 0, message))
+            return None
+        return _Slot(
+            index=index,
+            generation=generation,
+            assembler=TextAssembler(generation.params.stops),
+            admitted_at=self.clock(),
+            prefilled=reuse,
+            position=reuse,
+            cached=reuse,
+        )
 
     def _donor(self, prompt: Sequence[int], target: int) -> tuple[int | None, int]:
         """The other slot, busy or free, whose cache holds the most of ``prompt``, and how much."""
@@ -325,13 +418,42 @@ class BatchScheduler:
                 self._decode(work)
 
     def _decode(self, work: list[SlotWork]) -> None:
+        spare = self._spare(work)
         try:
-            sampled = self.backend.decode(work, self._spare(work))
+            sampled = self.backend.decode(work, spare)
         except PeerInferError as exc:
-            log.error("decode failed for slots %s: %s", [item.slot for item in work], exc.message)
-            for item in work:
-                self._finish(self._active[item.slot], "error", exc.message)
+            self._after_failed_call(work, spare, exc.message)
+        else:
+            self._note_success()
+            self._apply(work, sampled)
+        self._flush()  # this call's tokens go out now, not after the step's other call
+        if self._first_text_out:
+            self._first_text_out = False
+            if self.first_token_pause_s > 0:
+                self.sleep(self.first_token_pause_s)
+
+    def _after_failed_call(self, work: list[SlotWork], spare: Mapping[int, int], message: str) -> None:
+        """Fail only the slots whose own call fails: another slot's state must not fail a request."""
+        log.error("decode failed for slots %s (spare %s): %s", [item.slot for item in work], dict(spare), message)
+        self._note_failure(message)
+        for index in spare:
+            if index not in self._active:
+                self._forget(index)  # its throw-away row may be what failed; its cache may not be as recorded
+        if len(work) == 1 and not spare:
+            self._finish(self._active[work[0].slot], "error", message)
             return
+        for item in work:  # alone and without throw-away rows (the backend left every cache as before)
+            try:
+                sampled = self.backend.decode([item], {})
+            except PeerInferError as exc:
+                log.error("decode failed for slot %d alone: %s", item.slot, exc.message)
+                self._note_failure(exc.message)
+                self._finish(self._active[item.slot], "error", exc.message)
+            else:
+                self._note_success()
+                self._apply([item], sampled)
+
+    def _apply(self, work: list[SlotWork], sampled: Mapping[int, int]) -> None:
         for item in work:
             slot = self._active[item.slot]
             slot.position += len(item.tokens)
@@ -341,21 +463,56 @@ class BatchScheduler:
                 slot.decoded.extend(item.tokens)
             if item.slot in sampled:
                 self._accept(slot, sampled[item.slot])
-        self._flush()  # this call's tokens go out now, not after the step's other call
-        if self._first_text_out:
-            self._first_text_out = False
-            if self.first_token_pause_s > 0:
-                time.sleep(self.first_token_pause_s)
+
+    def _note_failure(self, message: str) -> None:
+        with self._cond:
+            self._decode_failures += 1
+            self._last_error = message
+
+    def _note_success(self) -> None:
+        if self._decode_failures:
+            log.warning("decoding works again after %d failed calls", self._decode_failures)
+            with self._cond:
+                self._decode_failures = 0
+                self._last_error = None
+
+    def _forget(self, index: int) -> None:
+        """Clear a free slot's cache and the record of what it held."""
+        self._kept.pop(index, None)
+        self.backend.release(index, 0)
+
+    def _probe(self) -> None:
+        """Idle after a failed call: one token in the free slot that holds least, to see whether decoding works."""
+        if self._probe_token is None:
+            return
+        index = min(range(self.slots), key=lambda slot: (len(self._kept.get(slot, ())), slot))
+        self._kept.pop(index, None)
+        try:
+            self.backend.begin(index, SamplingParams(max_tokens=1, temperature=0.0), 0)
+            self.backend.decode([SlotWork(index, [self._probe_token], 0, False)], {})
+        except PeerInferError as exc:
+            # Once per new error, not once a second while it lasts.
+            (log.debug if exc.message == self._last_error else log.error)("probe decode failed: %s", exc.message)
+            self._note_failure(exc.message)
+        else:
+            self._note_success()
+        finally:
+            self.backend.release(index, 0)
 
     def _spare(self, work: list[SlotWork]) -> dict[int, int]:
-        """Slots outside ``work`` that may take a throw-away row, and where: after what their cache holds."""
+        """Slots outside ``work`` that may take a throw-away row, and where: after what their cache holds.
+
+        Not a slot whose cache is full: the row would go one past its last cell, and the call fail.
+        """
         busy = {item.slot for item in work}
         spare: dict[int, int] = {}
         for index in range(self.slots):
             if index in busy:
                 continue
             slot = self._active.get(index)
-            spare[index] = slot.position if slot is not None else len(self._kept.get(index, ()))
+            position = slot.position if slot is not None else len(self._kept.get(index, ()))
+            if position < self.backend.n_ctx_per_slot:
+                spare[index] = position
         return spare
 
     def _accept(self, slot: _Slot, token: int) -> None:
@@ -389,5 +546,4 @@ class BatchScheduler:
             del self._active[slot.index]
         if keep:
             self._kept[slot.index] = held[:keep]
-        elapsed = time.monotonic() - slot.admitted_at
-        self._mean_request_s = 0.8 * self._mean_request_s + 0.2 * elapsed
+        self._finished_now += 1
