@@ -8,7 +8,10 @@ message that says what was wrong and how to fix it, and maps to one HTTP status 
 - ``ModelFileError``: the model file is missing, unreadable, not a GGUF or fails its sha256.
 - ``EngineError``: llama.cpp failed while loading or decoding (500).
 - ``RequestError``: the client sent something invalid (400). Subclasses:
-  ``ContextLengthError`` (the prompt does not fit), ``BodyTooLargeError`` (413).
+  ``ContextLengthError`` (the prompt does not fit), ``BodyTooLargeError`` (413),
+  ``UnsupportedMediaTypeError`` (415: a body that is not ``application/json``),
+  ``HostNotAllowedError`` (400: a ``Host`` header this worker does not serve, as in DNS rebinding),
+  ``ClientDisconnectedError`` (the client left while sending its body; nobody reads the answer).
 - ``AuthError``: missing or wrong API key (401).
 - ``OverloadedError``: the queue is full or the model is still loading (503, with ``retry_after``).
 - ``ClientError``: raised by the SDK when a worker cannot be reached or answers with an error.
@@ -61,6 +64,19 @@ class ContextLengthError(RequestError):
 class BodyTooLargeError(RequestError):
     status_code = 413
     code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(RequestError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class HostNotAllowedError(RequestError):
+    code = "host_not_allowed"
+
+
+class ClientDisconnectedError(RequestError):
+    code = "client_disconnected"
 
 
 class NotFoundError(RequestError):

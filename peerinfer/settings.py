@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from peerinfer.errors import ConfigError
+
+LogLevel = Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
+NameList = Annotated[tuple[str, ...], NoDecode]
 
 
 def _default_threads() -> int:
@@ -102,7 +109,45 @@ class WorkerSettings(NetworkSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body.")
     api_key: SecretStr | None = Field(default=None, description="If set, requests need 'Authorization: Bearer KEY'.")
     keepalive_s: float = Field(default=5.0, gt=0, le=300, description="Seconds between SSE keep-alive comments.")
-    log_level: str = Field(default="INFO", description="Python logging level for peerinfer.")
+    log_level: LogLevel = Field(
+        default="INFO", description="Python logging level for peerinfer: CRITICAL, ERROR, WARNING, INFO or DEBUG."
+    )
+    max_header_bytes: int = Field(
+        default=65_536,
+        ge=1024,
+        le=16 * 1_048_576,
+        description="Largest request head (request line and headers); a larger one gets 431 and the connection closes.",
+    )
+    head_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="Seconds a client may take to send a request head, from its first byte (or from connecting); "
+        "then 408 (or, if nothing came, a plain close).",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client may take to send a request body after its head; then 408 and a close.",
+    )
+    max_connections: int = Field(
+        default=256,
+        ge=1,
+        le=65_535,
+        description="Open HTTP connections a worker accepts; one more gets 503 and is closed at once.",
+    )
+    allowed_hosts: NameList = Field(
+        default=(),
+        description="Host names (comma-separated) this worker answers besides loopback, the announce URL's host "
+        "and the address it was reached on; '.example.com' also allows its subdomains, '*' allows any. Other "
+        "Host headers get 400 (DNS rebinding).",
+    )
+    cors_origins: NameList = Field(
+        default=(),
+        description="Browser origins (comma-separated, e.g. https://app.example) that may call this worker "
+        "cross-origin; '*' allows any. Empty: no CORS headers at all.",
+    )
     exit_on_load_failure: bool = Field(
         default=True, description="Exit the process (code 3) when the model cannot be loaded."
     )
@@ -134,11 +179,41 @@ class WorkerSettings(NetworkSettings):
         default=0.3, ge=0.0, le=10.0, description="Time given to the withdrawal to leave before the DHT node stops."
     )
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        """A comma-separated string (as in the environment) or a JSON list."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+
     @property
     def dht_enabled(self) -> bool:
         if self.dht is not None:
             return self.dht
         return bool(self.bootstrap.strip()) or self.dht_port is not None
+
+
+def load_worker_settings() -> WorkerSettings:
+    """Settings from the environment; a bad value becomes one ``ConfigError`` that names the variable."""
+    try:
+        return WorkerSettings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            name = "PEERINFER_" + "_".join(str(part) for part in error["loc"][:1]).upper()
+            value = repr(error.get("input"))
+            if len(value) > 60:
+                value = value[:57] + "..."
+            problems.append(f"{name}={value}: {error['msg']}")
+        raise ConfigError("invalid setting " + "; ".join(problems)) from exc
 
 
 class ClientSettings(NetworkSettings):
