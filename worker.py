@@ -1,5 +1,5 @@
 """The worker: ``python3 -m uvicorn worker:app --host 127.0.0.1 --port 8000``."""
 
-from peerinfer.server.app import create_app
+from peerinfer.server.app import app_from_environment
 
-app = create_app()
+app = app_from_environment()

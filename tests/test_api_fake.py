@@ -17,12 +17,13 @@ from tests.conftest import live_worker, worker_settings
 
 CHAT = "/v1/chat/completions"
 HELLO = {"messages": [{"role": "user", "content": "hello"}]}
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
 def client() -> Iterator[TestClient]:
     app = create_app(worker_settings(n_ctx=256, max_tokens_cap=100, max_body_bytes=4096), FakeEngine(n_ctx=256))
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1:8000") as test_client:
         while test_client.get("/health").status_code != 200:
             time.sleep(0.01)
         yield test_client
@@ -62,7 +63,7 @@ def test_chat_answer_and_usage(client: TestClient) -> None:
 def test_bad_input_gets_400_in_openai_shape_and_the_worker_keeps_serving(
     client: TestClient, payload: bytes, param: str
 ) -> None:
-    error = assert_openai_error(client.post(CHAT, content=payload), 400)
+    error = assert_openai_error(client.post(CHAT, content=payload, headers=JSON), 400)
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
     assert client.post(CHAT, json=HELLO).status_code == 200
@@ -126,7 +127,7 @@ def test_streaming_chunks_end_with_finish_usage_and_done(client: TestClient) -> 
 
 def test_api_key_is_required_when_set_but_health_stays_public() -> None:
     app = create_app(worker_settings(api_key="s3cret"), FakeEngine())
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1:8000") as test_client:
         while test_client.get("/health").status_code != 200:
             time.sleep(0.01)
         assert_openai_error(test_client.post(CHAT, json=HELLO), 401)
@@ -138,7 +139,7 @@ def test_api_key_is_required_when_set_but_health_stays_public() -> None:
 
 def test_health_says_loading_until_the_model_is_ready() -> None:
     app = create_app(worker_settings(), FakeEngine(load_delay_s=0.5))
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1:8000") as test_client:
         loading = test_client.get("/health")
         assert loading.status_code == 503 and loading.json() == {"status": "loading"}
         busy = test_client.post(CHAT, json=HELLO)

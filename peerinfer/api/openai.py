@@ -218,6 +218,19 @@ def completion(
     return _envelope("text_completion", request_id, created, model, choice, counts)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, as ``error_body`` builds it; here for the OpenAPI schema."""
+
+    error: ErrorDetail
+
+
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 

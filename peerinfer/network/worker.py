@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
+from peerinfer.api.openai import parse_request
 from peerinfer.engine.base import Engine, Finished, Generation, SamplingParams, TextDelta
 from peerinfer.errors import OverloadedError, PeerInferError, RequestError
 from peerinfer.network.addresses import dht_bind_host, guess_announce_url, parse_bootstrap
@@ -39,6 +39,7 @@ from peerinfer.network.records import (
     select_live,
     sign_record,
 )
+from peerinfer.server.guards import read_json_body
 from peerinfer.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -208,11 +209,19 @@ class WorkerNetwork:
     def _make_router(self) -> APIRouter:
         router = APIRouter()
 
-        @router.post("/peer/challenge")
+        @router.post(
+            "/peer/challenge",
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": ChallengeRequest.model_json_schema()}},
+                }
+            },
+        )
         async def challenge(request: Request) -> JSONResponse:
             if self.identity is None:
                 raise OverloadedError("the peer identity is not loaded yet; retry shortly", retry_after=1)
-            nonce = _read_nonce(await request.body())
+            nonce = _read_nonce(await read_json_body(request, self.settings.max_body_bytes))
             identity = self.identity
             return JSONResponse(
                 {
@@ -230,11 +239,19 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(text.split())[:200]}"
 
 
+class ChallengeRequest(BaseModel):
+    """The body of ``POST /peer/challenge``: a fresh random nonce, base64."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    nonce: str = Field(max_length=4 * MAX_NONCE_BYTES)
+
+
 def _read_nonce(body: bytes) -> bytes:
+    """The nonce of a challenge body; parsed like the API's bodies (bounded depth: too deep is a 400)."""
     try:
-        payload: Any = json.loads(body)
-        nonce = unb64(str(payload["nonce"]))
-    except (ValueError, KeyError, TypeError) as exc:
+        nonce = unb64(parse_request(ChallengeRequest, body).nonce)
+    except ValueError as exc:
         raise RequestError('expected {"nonce": "<base64>"}', param="nonce") from exc
     if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
         raise RequestError(

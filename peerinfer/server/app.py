@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,18 +18,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peerinfer.api import openai as wire
 from peerinfer.api import sse
 from peerinfer.engine.base import Engine
-from peerinfer.errors import AuthError, BodyTooLargeError, OverloadedError, PeerInferError
+from peerinfer.errors import AuthError, ConfigError, OverloadedError, PeerInferError
+from peerinfer.network.addresses import guess_announce_url
+from peerinfer.server import protocol
 from peerinfer.server.errors import error_response, http_error_response
-from peerinfer.server.metrics import CONTENT_TYPE, WorkerMetrics
+from peerinfer.server.guards import HostGuard, HostPolicy, read_json_body
+from peerinfer.server.metrics import CONTENT_TYPE, UNMATCHED, WorkerMetrics
 from peerinfer.server.service import CompletionService, PreparedRequest, collect_json, stream_sse
-from peerinfer.settings import WorkerSettings
+from peerinfer.settings import WorkerSettings, load_worker_settings
 
 log = logging.getLogger("peerinfer.worker")
 READY_LINE = "Model loaded successfully! Ready for inference."
@@ -85,8 +91,20 @@ async def _load(state: WorkerState) -> None:
     )
 
 
+def app_from_environment() -> FastAPI:
+    """``worker.py``'s app: settings from ``PEERINFER_*``; a bad value is one line on stderr and exit code 3."""
+    try:
+        return create_app(load_worker_settings())
+    except ConfigError as exc:
+        print(f"peerinfer: {exc.message}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None  # the code uvicorn and a failed model load use
+
+
 def create_app(settings: WorkerSettings | None = None, engine: Engine | None = None) -> FastAPI:
-    """Build the worker app. An injected engine is the caller's to load once and close."""
+    """Build the worker app. An injected engine is the caller's to load once and close.
+
+    It also points uvicorn's HTTP protocols at ``peerinfer.server.protocol`` (head and body limits).
+    """
     settings = settings or WorkerSettings()
     _configure_logging(settings.log_level)
     owns_engine = engine is None
@@ -122,33 +140,123 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
         if state.owns_engine:
             state.engine.close()
 
-    app = FastAPI(title="peerinfer worker", lifespan=lifespan)
+    app = FastAPI(title="peerinfer worker", lifespan=lifespan, description=API_DESCRIPTION)
     app.state.worker = state
     app.state.network = network
+    app.state.http_limits = protocol.HttpLimits(
+        max_header_bytes=settings.max_header_bytes,
+        head_timeout_s=settings.head_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections,
+        on_refusal=metrics.count_refusal,
+    )
+    protocol.install()
     if network is not None:
         app.include_router(network.router)
+    if settings.cors_origins:
+        origins = ["*"] if "*" in settings.cors_origins else list(settings.cors_origins)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
+    announced = network.announce_url if network is not None else guess_announce_url(sys.argv, "127.0.0.1")
+    app.add_middleware(HostGuard, policy=HostPolicy.build(settings.allowed_hosts, (settings.announce_url, announced)))
     app.add_middleware(RequestCounter, metrics=metrics)
     _add_error_handlers(app)
     _add_routes(app, state)
+    _document_request_bodies(app, (wire.ChatCompletionRequest, wire.CompletionRequest))
     return app
 
 
+API_DESCRIPTION = (
+    "An OpenAI-compatible worker of the peerinfer network. POST bodies must be `application/json`; every "
+    'error is `{"error": {"message", "type", "param", "code"}}`.'
+)
+SCHEMA_REF = "#/components/schemas/{model}"
+ERROR_MEANINGS = {
+    400: "Invalid request (the message names the field), or a Host this worker does not serve.",
+    401: "Missing or wrong API key.",
+    408: "The request body did not arrive in time (PEERINFER_BODY_TIMEOUT_S).",
+    413: "The request body is larger than PEERINFER_MAX_BODY_BYTES.",
+    415: "The request body is not application/json.",
+    503: "The model is loading or failed, the queue is full, or too many connections; see Retry-After.",
+}
+ANY_JSON: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": wire.ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion object, or with `stream` an SSE stream of chunks ending in `data: [DONE]`.",
+        "content": {**ANY_JSON, "text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **_errors(400, 401, 408, 413, 415, 503),
+}
+MODELS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The loaded model.", "content": ANY_JSON},
+    **_errors(400, 401, 503),
+}
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Ready: model, sha256, context, slots and queue.", "content": ANY_JSON},
+    503: {"description": "Loading, failed to load, or decoding fails (`status` says which).", "content": ANY_JSON},
+    **_errors(400),
+}
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    **_errors(400),
+}
+
+
+def _request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads ``model`` from the raw body itself."""
+    schema = {"$ref": SCHEMA_REF.format(model=model.__name__)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _document_request_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Put the request models (and their ``$defs``) into the schema's components, where the routes point."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                body = model.model_json_schema(ref_template=SCHEMA_REF)
+                schemas.update(body.pop("$defs", {}))
+                schemas[model.__name__] = body
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 class RequestCounter:
-    """Plain ASGI middleware counting /v1/ responses by status; it adds nothing to streamed chunks."""
+    """Plain ASGI middleware counting responses by route and status; it adds nothing to streamed chunks.
+
+    The label is the matched route's path template, never the raw path: a client cannot grow the label
+    set (and so every scrape of ``/metrics``) by asking for paths that do not exist.
+    """
 
     def __init__(self, app: ASGIApp, metrics: WorkerMetrics) -> None:
         self.app = app
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(path, str(message["status"])).inc()
+                route = getattr(scope.get("route"), "path", None)
+                endpoint = route if isinstance(route, str) else UNMATCHED
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -186,20 +294,8 @@ def _require_ready(state: WorkerState) -> None:
         raise OverloadedError(f"{detail}; retry shortly", retry_after=2)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLargeError(f"the request body has {declared} bytes but this worker accepts at most {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise BodyTooLargeError(f"the request body is larger than the {limit} bytes this worker accepts")
-    return bytes(body)
-
-
 def _add_routes(app: FastAPI, state: WorkerState) -> None:
-    @app.get("/health")
+    @app.get("/health", responses=HEALTH_RESPONSES)
     async def health() -> JSONResponse:
         if not state.ready:
             body: dict[str, Any] = {"status": "failed" if state.load_error else "loading"}
@@ -208,12 +304,9 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
             return JSONResponse(body, status_code=503)
         info = state.engine.info
         stats = state.engine.stats()
-        # The engine's last decode call failed: it may serve nothing until one works again (503).
-        failing = {"error": stats.last_error, "decode_failures": stats.decode_failures} if stats.failing else {}
         return JSONResponse(
             {
-                "status": "degraded" if failing else "ok",
-                **failing,
+                "status": "ok",
                 "model": info.model_id,
                 "sha256": info.sha256,
                 "n_ctx": info.n_ctx,
@@ -222,11 +315,10 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
                 "slots_free": stats.slots_total - stats.slots_busy,
                 "requests_running": stats.slots_busy,
                 "requests_waiting": stats.queued,
-            },
-            status_code=503 if failing else 200,
+            }
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=MODELS_RESPONSES)
     async def models(request: Request) -> JSONResponse:
         _check_api_key(state, request)
         _require_ready(state)
@@ -241,7 +333,7 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
         }
         return JSONResponse({"object": "list", "data": [model]})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -256,18 +348,24 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
             return StreamingResponse(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
         return JSONResponse(await collect_json(service, prepared, generation, model, started, request.receive))
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=_request_body(wire.ChatCompletionRequest),
+        responses=COMPLETION_RESPONSES,
+    )
     async def chat_completions(request: Request) -> Response:
         _check_api_key(state, request)
         parsed = wire.parse_request(
-            wire.ChatCompletionRequest, await _read_body(request, state.settings.max_body_bytes)
+            wire.ChatCompletionRequest, await read_json_body(request, state.settings.max_body_bytes)
         )
         _require_ready(state)
         return await run(request, await state.service.prepare_chat(parsed), parsed.stream)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_request_body(wire.CompletionRequest), responses=COMPLETION_RESPONSES)
     async def completions(request: Request) -> Response:
         _check_api_key(state, request)
-        parsed = wire.parse_request(wire.CompletionRequest, await _read_body(request, state.settings.max_body_bytes))
+        parsed = wire.parse_request(
+            wire.CompletionRequest, await read_json_body(request, state.settings.max_body_bytes)
+        )
         _require_ready(state)
         return await run(request, await state.service.prepare_completion(parsed), parsed.stream)

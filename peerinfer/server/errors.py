@@ -7,7 +7,7 @@ import logging
 from fastapi.responses import JSONResponse
 
 from peerinfer.api.openai import error_body
-from peerinfer.errors import OverloadedError, PeerInferError
+from peerinfer.errors import BodyTooLargeError, OverloadedError, PeerInferError
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,8 @@ def error_response(exc: Exception) -> JSONResponse:
             status_code=500,
         )
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+    if isinstance(exc, BodyTooLargeError):
+        headers = {"Connection": "close"}  # do not read the rest of a body that is refused anyway
     if exc.status_code >= 500:
         log.warning("%s", exc.message)
     return JSONResponse(

@@ -12,6 +12,8 @@ from peerinfer.engine.base import EngineStats
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
+UNMATCHED = "unmatched"
+REFUSAL_REASONS = ("header_too_large", "head_timeout", "body_timeout", "too_many_connections")
 
 
 class WorkerMetrics:
@@ -19,10 +21,18 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "peerinfer_requests",
-            "Finished API requests by endpoint and HTTP status.",
+            "Answered HTTP requests by route (its path template, or 'unmatched') and HTTP status.",
             ["endpoint", "status"],
             registry=self.registry,
         )
+        self.refused = Counter(
+            "peerinfer_http_refused",
+            "Connections closed by the worker's HTTP limits, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason)
         self.ttft = Histogram(
             "peerinfer_time_to_first_token_seconds",
             "From request accepted to first text.",
@@ -59,6 +69,9 @@ class WorkerMetrics:
             self.ttft.observe(ttft_s)
             if completion_tokens > 1:
                 self.tpot.observe((total_s - ttft_s) / (completion_tokens - 1))
+
+    def count_refusal(self, reason: str) -> None:
+        self.refused.labels(reason if reason in REFUSAL_REASONS else "other").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
