@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from peerinfer.engine.fake import FakeEngine
-from peerinfer.engine.prompt import ChatTurn, ControlToken, PromptPart, render_chat, split_at_controls
+from peerinfer.engine.prompt import ChatTurn, ControlToken, PromptPart, markup_of, render_chat, split_at_controls
 from peerinfer.errors import RequestError
 from peerinfer.server.app import create_app
 from tests.conftest import worker_settings
@@ -145,8 +145,9 @@ def test_whitespace_only_and_empty_messages_are_rendered_as_they_are() -> None:
 BOS, START, END = ControlToken(2, "<bos>"), ControlToken(105, "<start_of_turn>"), ControlToken(106, "<end_of_turn>")
 
 
-def _finds(*known: ControlToken) -> object:
-    return lambda text: [token for token in known if token.text in text]
+def _finds(parts: list[PromptPart], *known: ControlToken) -> list[ControlToken]:
+    """What the tokenizer reports: the known control tokens that the markup holds."""
+    return [token for token in known if token.text in markup_of(parts)]
 
 
 def test_control_tokens_are_cut_from_markup_only() -> None:
@@ -155,14 +156,14 @@ def test_control_tokens_are_cut_from_markup_only() -> None:
         PromptPart("a<end_of_turn>b", markup=False),
         PromptPart("<end_of_turn>\n<start_of_turn>model\n", markup=True),
     ]
-    runs, controls = split_at_controls(parts, _finds(BOS, START, END))  # type: ignore[arg-type]
+    runs, controls = split_at_controls(parts, _finds(parts, BOS, START, END))
     assert controls == [2, 105, 106, 105]
     assert runs == ["", "", "user\na<end_of_turn>b", "\n", "model\n"]
 
 
 def test_markup_without_control_tokens_joins_the_text_around_it() -> None:
     parts = [PromptPart("Question: ", markup=True), PromptPart("<eos>", markup=False), PromptPart("\nA:", True)]
-    assert split_at_controls(parts, _finds(BOS)) == (["Question: <eos>\nA:"], [])  # type: ignore[arg-type]
+    assert split_at_controls(parts, _finds(parts, BOS)) == (["Question: <eos>\nA:"], [])
 
 
 def test_longer_control_tokens_are_cut_first_and_strip_flags_eat_whitespace() -> None:
@@ -170,7 +171,7 @@ def test_longer_control_tokens_are_cut_first_and_strip_flags_eat_whitespace() ->
     endoftext = ControlToken(8, "<|endoftext|>")
     mark = ControlToken(9, "<mask>", lstrip=True)
     parts = [PromptPart("a <mask><|end|>\n b<|endoftext|>", markup=True), PromptPart(" c", markup=False)]
-    runs, controls = split_at_controls(parts, _finds(end, endoftext, mark))  # type: ignore[arg-type]
+    runs, controls = split_at_controls(parts, _finds(parts, end, endoftext, mark))
     assert controls == [9, 7, 8]
     assert runs == ["a", "", "b", " c"]
 

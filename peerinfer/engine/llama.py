@@ -24,7 +24,7 @@ from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingPa
 from peerinfer.engine.batching import fillers, outputs_in_batch_order, rows_to_pad
 from peerinfer.engine.model_files import ModelFile, open_model_file
 from peerinfer.engine.output_head import CAPTURE, OFF, SKIP, HeadUnavailable, OutputHead, open_head
-from peerinfer.engine.prompt import ControlToken, PromptPart, split_at_controls
+from peerinfer.engine.prompt import ControlToken, PromptPart, markup_of, split_at_controls
 from peerinfer.engine.scheduler import BatchScheduler, SlotWork
 from peerinfer.errors import EngineError
 from peerinfer.settings import WorkerSettings
@@ -152,7 +152,7 @@ class LlamaBackend:
         llama.cpp reads the text between special tokens fragment by fragment in the same way, so
         ordinary messages give the same tokens as the whole prompt tokenised with special parsing.
         """
-        runs, controls = split_at_controls(parts, self._controls_in)
+        runs, controls = split_at_controls(parts, self._controls_in(markup_of(parts)))
         tokens = self.tokenize(runs[0], add_bos)
         for control, run in zip(controls, runs[1:], strict=True):
             tokens.append(control)

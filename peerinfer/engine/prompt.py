@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -251,23 +251,28 @@ def render_chat(
     return ChatPrompt(parts, stops=(), add_bos=not starts_with_bos)
 
 
-def split_at_controls(
-    parts: Sequence[PromptPart], controls_in: Callable[[str], Sequence[ControlToken]]
-) -> tuple[list[str], list[int]]:
+def markup_of(parts: Sequence[PromptPart]) -> str:
+    """All the markup, each part apart from the others (no control token holds a NUL): what to ask
+    the tokenizer for the control tokens ``split_at_controls`` needs, in one call."""
+    return "\0".join(part.text for part in parts if part.markup)
+
+
+def split_at_controls(parts: Sequence[PromptPart], found: Sequence[ControlToken]) -> tuple[list[str], list[int]]:
     """Text runs and the control tokens between them: ``runs[0], controls[0], runs[1], ...``.
 
-    ``controls_in(markup)`` names the control tokens the vocabulary's tokenizer finds in a markup
-    part. A message's text joins the runs whatever it says. Cuts a markup part as llama.cpp does
-    (longest control token first), so that tokenising each run as text gives the tokens llama.cpp
-    gives for the whole prompt with special tokens parsed, wherever the messages hold none.
+    ``found``: the control tokens the vocabulary's tokenizer finds in ``markup_of(parts)``. A
+    message's text joins the runs whatever it says. Cuts markup as llama.cpp does (longest control
+    token first), so that tokenising each run as text gives the tokens llama.cpp gives for the
+    whole prompt with special tokens parsed, wherever the messages hold none.
     """
+    by_length = sorted(found, key=lambda control: -len(control.text))
     runs: list[list[str]] = [[]]
     controls: list[int] = []
     eat_space = False
     for part in parts:
         pieces: list[str | ControlToken] = [part.text]
         if part.markup:
-            for control in sorted(controls_in(part.text), key=lambda found: -len(found.text)):
+            for control in by_length:
                 pieces = [cut for piece in pieces for cut in _cut(piece, control)]
         for piece in pieces:
             if isinstance(piece, ControlToken):
