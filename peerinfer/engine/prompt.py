@@ -18,6 +18,7 @@ up) is refused with a 400 rather than guessed at.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from collections.abc import Sequence
@@ -121,6 +122,12 @@ def _render_transcript(turns: Sequence[ChatTurn], continue_final: bool) -> list[
     return parts
 
 
+@functools.lru_cache(maxsize=4)
+def _compile(template: str) -> Template:
+    """A model's template, compiled once (~13 ms for Gemma's) rather than on every request."""
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+
 def _raise_from_template(message: str) -> None:
     raise RequestError(f"the model's chat template rejected the messages: {message}", param="messages")
 
@@ -180,10 +187,7 @@ def _placeholders(turns: Sequence[ChatTurn], template: str) -> tuple[str, list[s
 def _render_template(
     turns: Sequence[ChatTurn], template: str, bos_token: str, eos_token: str, continue_final: bool
 ) -> list[PromptPart]:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_from_template
     now = datetime.now()  # one clock for both renders
-    env.globals["strftime_now"] = now.strftime
 
     def render(compiled: Template, contents: Sequence[str]) -> str:
         return compiled.render(
@@ -191,11 +195,13 @@ def _render_template(
             bos_token=bos_token,
             eos_token=eos_token,
             add_generation_prompt=not continue_final,
+            raise_exception=_raise_from_template,
+            strftime_now=now.strftime,
         )
 
     tag, stand_ins = _placeholders(turns, template)
     try:
-        compiled = env.from_string(template)
+        compiled = _compile(template)
         text = render(compiled, [turn.content for turn in turns])
         marked = render(compiled, stand_ins)
     except TemplateError as exc:
