@@ -186,3 +186,16 @@ def test_parse_special_must_be_a_boolean() -> None:
         refused = client.post("/v1/completions", json={**body, "parse_special": "yes"})
         assert refused.status_code == 400
         assert refused.json()["error"]["param"] == "parse_special"
+
+
+def test_a_worker_whose_template_rewrites_a_message_answers_400_and_keeps_serving() -> None:
+    upper = "{% for m in messages %}<t>{{ m['content'] | upper }}</t>{% endfor %}<t>"
+    with TestClient(create_app(worker_settings(), FakeEngine(chat_template=upper))) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.01)
+        refused = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a</t><t>"}]})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "messages"
+        assert "changes the text of a message" in refused.json()["error"]["message"]
+        served = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "A</T><T>"}]})
+        assert served.status_code == 200
