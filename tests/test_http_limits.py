@@ -188,3 +188,15 @@ def test_an_aborted_upload_logs_one_line_and_no_traceback(capfd: pytest.CaptureF
     assert len(about_it) == 1 and f"{len(partial)} of 1000 bytes" in about_it[0].getMessage()
     assert not [record for record in lines if record.exc_info or record.levelno >= logging.ERROR]
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_body_declared_too_large_gets_413_and_the_connection_closes_without_reading_it() -> None:
+    settings = worker_settings(body_timeout_s=600, max_body_bytes=4096)
+    with live_worker(FakeEngine(), settings) as url, connect(url) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 50000000\r\n\r\n{"
+        )
+        response = read_until_closed(sock)
+    assert response.startswith(b"HTTP/1.1 413 ")
+    assert error_of(response)["code"] == "request_too_large"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,58 @@ def test_a_corrupted_bundled_model_is_reported_with_the_fix(tmp_path: Path, monk
     broken.write_bytes(b"GGUF" + b"\0" * 100)
     with pytest.raises(ModelFileError, match=r"but a5fd3b62.* was expected; delete it"):
         open_model_file(None, tmp_path / "cache")
+
+
+def test_a_bad_log_level_stops_the_worker_with_one_line(tmp_path: Path) -> None:
+    worker = start_worker(free_port(), PEERINFER_LOG_LEVEL="LOUD", PEERINFER_CACHE_DIR=str(tmp_path))
+    try:
+        _, stderr = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    assert worker.returncode == 3
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "PEERINFER_LOG_LEVEL='LOUD'" in lines[0] and "DEBUG" in lines[0]
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` and read until the worker closes the connection."""
+    received = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(data)
+        while chunk := sock.recv(65536):
+            received.extend(chunk)
+    return bytes(received)
+
+
+def test_the_worker_command_has_the_http_guard(tmp_path: Path) -> None:
+    """Through `python -m uvicorn worker:app` itself (default --http auto): head size and time are bounded."""
+    port = free_port()
+    worker = start_worker(
+        port,
+        PEERINFER_MODEL=str(tmp_path / "missing.gguf"),
+        PEERINFER_EXIT_ON_LOAD_FAILURE="false",
+        PEERINFER_CACHE_DIR=str(tmp_path),
+        PEERINFER_MAX_HEADER_BYTES="4096",
+        PEERINFER_HEAD_TIMEOUT_S="0.5",
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["status"] == "failed":
+                    break
+            assert time.monotonic() < deadline and worker.poll() is None, "the worker did not come up"
+            time.sleep(0.1)
+        big = raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 100_000)
+        assert big.startswith(b"HTTP/1.1 431 ")
+        slow = raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert slow.startswith(b"HTTP/1.1 408 ")
+        rebinding = requests.get(f"http://127.0.0.1:{port}/health", headers={"Host": "evil.example"}, timeout=10)
+        assert rebinding.status_code == 400 and rebinding.json()["error"]["code"] == "host_not_allowed"
+    finally:
+        worker.terminate()
+        _, stderr = worker.communicate(timeout=30)
+    assert "Traceback" not in stderr
+    assert "request head is larger than 4096 bytes" in stderr and "not complete after 0.5 s" in stderr
