@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Mapping, Sequence
 
 import pytest
@@ -42,11 +41,14 @@ class RecordingBackend:
         return keep
 
 
-async def run_all(scheduler: BatchScheduler, prompts: list[list[int]]) -> list[str]:
+async def run_all(scheduler: BatchScheduler, prompts: list[list[int]], start: bool = True) -> list[str]:
+    """Submit every prompt, then (``start``) start the scheduler: they take the slots in order, whatever the timing."""
     loop = asyncio.get_running_loop()
     generations = [Generation(prompt, SamplingParams(max_tokens=10), loop) for prompt in prompts]
     for generation in generations:
         scheduler.submit(generation)
+    if start:
+        scheduler.start()
     texts = []
     for generation in generations:
         events = [event async for event in generation.stream()]
@@ -58,7 +60,6 @@ async def run_all(scheduler: BatchScheduler, prompts: list[list[int]]) -> list[s
 def test_long_prompt_is_read_in_fixed_chunks_between_generation_steps() -> None:
     backend = RecordingBackend()
     scheduler = BatchScheduler(backend, slots=2, max_queue=4, prefill_chunk=4)
-    scheduler.start()
     try:
         texts = asyncio.run(run_all(scheduler, [[1, 2], list(range(1, 11))]))
     finally:
@@ -103,18 +104,34 @@ def test_waiting_requests_are_admitted_first_in_first_out_and_cancelled_ones_ski
 
 
 class LengthBackend(RecordingBackend):
-    """Replies with as many 'x' as the prompt's first token says, then ends."""
+    """Replies with as many 'x' as the prompt's first token says, then ends.
+
+    The first call after slot 0 is released waits for ``resume``: a request can arrive while the others
+    generate, however slow the test's thread is.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released_0 = False
+        self.resume = threading.Event()
 
     def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
         self.replies[slot] = []
         return keep
 
     def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
-        time.sleep(0.002)  # a step takes time, so a request can arrive while others generate
+        if self.released_0:
+            self.released_0 = False
+            self.resume.wait(timeout=60)
         for item in work:
             if item.start == 0:
                 self.replies[item.slot] = [ord("x")] * item.tokens[0] + [0]
         return super().decode(work, spare)
+
+    def release(self, slot: int, keep: int) -> int:
+        if slot == 0 and not self.resume.is_set():
+            self.released_0 = True
+        return super().release(slot, keep)
 
 
 def test_generating_slots_are_decoded_in_slot_order_after_a_slot_is_reused() -> None:
@@ -131,12 +148,14 @@ def test_generating_slots_are_decoded_in_slot_order_after_a_slot_is_reused() -> 
         # Slot 0 is free again: the next request takes it while slots 1 and 2 are still generating.
         fourth = Generation([5], SamplingParams(max_tokens=50), loop)
         scheduler.submit(fourth)
+        backend.resume.set()
         for generation in (second, third, fourth):
             [event async for event in generation.stream()]
 
     try:
         asyncio.run(scenario())
     finally:
+        backend.resume.set()
         scheduler.close()
     steps = [[slot for slot, _, size in call] for call in backend.calls if all(size == 1 for _, _, size in call)]
     assert [0, 1, 2] in steps  # the reused slot 0 ran together with 1 and 2 ...
@@ -222,7 +241,7 @@ def test_prepare_runs_on_the_decoding_thread_and_its_failure_stops_the_start() -
         assert (
             scheduler.start(prepare=lambda: (backend.threads.add(threading.get_ident()), "measured")[1]) == "measured"
         )
-        assert asyncio.run(run_all(scheduler, [[1]])) == ["ab"]
+        assert asyncio.run(run_all(scheduler, [[1]], start=False)) == ["ab"]
     finally:
         scheduler.close()
     assert len(backend.threads) == 1  # the warm-up and every step: one thread
@@ -234,39 +253,35 @@ def test_prepare_runs_on_the_decoding_thread_and_its_failure_stops_the_start() -
         BatchScheduler(RecordingBackend(), slots=1, max_queue=4, prefill_chunk=8).start(prepare=broken)
 
 
-class TimedBackend(RecordingBackend):
-    """Also records when each decode call starts; replies 'abcd' then ends."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.started: list[float] = []
+class AbcdBackend(RecordingBackend):
+    """Replies 'abcd' then ends."""
 
     def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
         self.replies[slot] = [ord(c) for c in "abcd"] + [0]
         return keep
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
-        self.started.append(time.monotonic())
-        return super().decode(work, spare)
-
 
 def test_the_decoder_pauses_once_after_each_streams_first_text_and_not_after_later_tokens() -> None:
-    backend = TimedBackend()
-    pause = 0.3
-    scheduler = BatchScheduler(backend, slots=2, max_queue=4, prefill_chunk=8, first_token_pause_s=pause)
-    scheduler.start()
+    backend = AbcdBackend()
+    pauses: list[tuple[int, float]] = []  # (decode calls made so far, seconds)
+    scheduler = BatchScheduler(
+        backend,
+        slots=2,
+        max_queue=4,
+        prefill_chunk=8,
+        first_token_pause_s=0.3,
+        sleep=lambda seconds: pauses.append((len(backend.calls), seconds)),
+    )
     try:
         texts = asyncio.run(run_all(scheduler, [[1, 2], [3]]))
     finally:
         scheduler.close()
     assert texts == ["abcd", "abcd"]
-    gaps = [later - earlier for earlier, later in zip(backend.started, backend.started[1:], strict=False)]
-    paused_after = [index for index, gap in enumerate(gaps) if gap >= pause]
     # The calls that read a prompt (from position 0) give that stream its 'a': each of those, and no
     # other call (about 10 in all), is followed by the pause.
     reads = [index for index, call in enumerate(backend.calls) if any(start == 0 for _, start, _ in call)]
     assert len(reads) == 2
-    assert paused_after == reads, (backend.calls, gaps)
+    assert pauses == [(index + 1, 0.3) for index in reads], backend.calls
 
 
 class KeepingBackend(RecordingBackend):
@@ -371,20 +386,37 @@ def test_a_request_that_fails_keeps_nothing_in_its_slot() -> None:
     assert backend.kept == [("begin", 0, 0), ("release", 0, 0)]
 
 
+class HeldBackend(KeepingBackend):
+    """Its second ``begin`` waits for ``resume``: requests submitted meanwhile arrive while that one is admitted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resume = threading.Event()
+
+    def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
+        if sum(1 for kind, _, _ in self.kept if kind == "begin") == 1:
+            self.resume.wait(timeout=60)
+        return super().begin(slot, params, keep)
+
+
 def test_a_request_copies_a_shared_prompt_from_a_busy_slot_rather_than_read_it_again() -> None:
-    backend = KeepingBackend()
+    backend = HeldBackend()
     scheduler = BatchScheduler(backend, slots=2, max_queue=4, prefill_chunk=8)
     system = list(range(100, 120))
     scheduler.start()
 
     async def scenario() -> list[Finished]:
         await finish(scheduler, [*system, 1])
-        # Both arrive at once: one finds the system prompt in slot 0, the other copies it from there.
-        return list(await asyncio.gather(finish(scheduler, [*system, 2]), finish(scheduler, [*system, 3, 3])))
+        # Both arrive while slot 0 is taken: one finds the system prompt in slot 0, the other copies it from there.
+        both = asyncio.gather(finish(scheduler, [*system, 2]), finish(scheduler, [*system, 3, 3]))
+        await asyncio.sleep(0)  # both are submitted (the first may be held in its begin)
+        backend.resume.set()
+        return list(await both)
 
     try:
         finished = asyncio.run(scenario())
     finally:
+        backend.resume.set()
         scheduler.close()
     assert [item.cached_tokens for item in finished] == [16, 16]
     assert backend.kept[2:5] == [("begin", 0, 16), ("copy", 0, 1), ("begin", 1, 16)]
