@@ -28,7 +28,7 @@ from tests.conftest import worker_settings
 app = create_app(worker_settings(n_ctx=512, max_tokens_cap=64, max_body_bytes=65_536), FakeEngine(n_ctx=512))
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 schema.config.generation.update(
-    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=40, deterministic=True, database="none"
+    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=50, deterministic=True, database="none"
 )
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
