@@ -42,6 +42,7 @@ from peerinfer.client.routing import (
     probes_to_launch,
     remaining_tokens,
     resume_messages,
+    wave_interval_s,
 )
 from peerinfer.client.sdk import Message, PeerInferClient, StreamStats, TextStream
 from peerinfer.client.vetting import vet_peer
@@ -83,7 +84,8 @@ class RoutedClient:
         probe_count: int = 3,
         probe_timeout_s: float = 2.0,
         choose_timeout_s: float = 5.0,
-        max_parallel_probes: int = 32,
+        max_parallel_probes: int = 64,
+        probe_grace_s: float = 0.05,
         lookup_ttl_s: float = 5.0,
         discovery_timeout_s: float = 5.0,
         connect_timeout_s: float = 3.0,
@@ -112,6 +114,7 @@ class RoutedClient:
         self.probe_timeout_s = probe_timeout_s
         self.choose_timeout_s = choose_timeout_s
         self.max_parallel_probes = max_parallel_probes
+        self.probe_grace_s = probe_grace_s  # least time to wait for other probes once one has passed
         self.failures: Counter[str] = Counter()  # probe failures by reason, since the client started
         self._lock = threading.Lock()  # bans and proofs are updated from probe threads
         # Probes that outlive a choice finish in the background, so the pool has room for two choices.
@@ -213,7 +216,7 @@ class RoutedClient:
         passed: list[Probe] = []
         wave, launched_at, first_pass_at = self.probe_count + (wanted is not None), -math.inf, math.inf
         started = time.monotonic()
-        interval = max(0.05, self.probe_timeout_s / 4)
+        interval = wave_interval_s(self.probe_timeout_s, self.choose_timeout_s)
         while True:
             now = time.monotonic()
             if not passed:
@@ -227,14 +230,16 @@ class RoutedClient:
                     wave, launched_at = wave * 2, now
             if passed and (
                 not pending
-                or now >= first_pass_at + max(0.05, first_pass_at - started)  # waited as long again for the others
+                or now
+                >= first_pass_at
+                + max(self.probe_grace_s, first_pass_at - started)  # waited as long again for the others
                 or any(probe.peer_id == prefer and probe.slots_free > 0 for probe in passed)
             ):
                 break
             if (not pending and not queue) or now >= deadline:
                 break
             next_wave = launched_at + interval if queue and not passed else math.inf
-            wake = min(deadline, first_pass_at + max(0.05, first_pass_at - started), next_wave)
+            wake = min(deadline, first_pass_at + max(self.probe_grace_s, first_pass_at - started), next_wave)
             done, _ = wait(list(pending), timeout=max(0.0, wake - now), return_when=FIRST_COMPLETED)
             for future in done:
                 pending.pop(future)

@@ -62,6 +62,16 @@ def candidates_to_probe(
     return usable[:count]
 
 
+def wave_interval_s(probe_timeout_s: float, choose_timeout_s: float) -> float:
+    """Time between waves of probes: a quarter of a probe's time-out, and at most a tenth of the choice's.
+
+    With the defaults (2 s, 5 s) waves start at 0, 0.5, 1, 1.5 and 2 s: 3 + 6 + 12 + 24 + 48 = 93
+    candidates are in flight by 2 s, so a crowd of silent endpoints delays the choice by seconds,
+    not by its number of members times the probe time-out.
+    """
+    return max(0.05, min(probe_timeout_s / 4, choose_timeout_s / 10))
+
+
 def probes_to_launch(in_flight: int, queued: int, wave: int, max_parallel: int, due: bool) -> int:
     """How many more peers to start probing now, while no peer has passed yet.
 

@@ -9,15 +9,20 @@ print(stream.stats)
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import requests
+import urllib3
 
-from peerinfer.client.sse_parser import SSEParser
+from peerinfer.client.peer_http import PeerRejected
+from peerinfer.client.sse_parser import SSEError, SSEParser
+from peerinfer.client.stream_events import read_chunk
 from peerinfer.errors import ClientError
 
 Message = dict[str, str]
@@ -38,20 +43,53 @@ class StreamStats:
         return asdict(self)
 
 
+MAX_ERROR_BYTES = 64 * 1024
+READ_SIZE = 64 * 1024
+_RETRY_AFTER = re.compile(r"[0-9]{1,6}")
+_READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+
+
+def _read_some(response: requests.Response) -> bytes:
+    """What has arrived of the body, at most ``READ_SIZE`` bytes; b"" at its end.
+
+    ``read1`` returns as soon as any bytes are there, so a peer that drips bytes cannot keep one
+    read going (``iter_content(chunk_size=None)`` reads a body without chunked framing to its end).
+    """
+    data: bytes = response.raw.read1(READ_SIZE)
+    return data
+
+
 def _error_message(response: requests.Response) -> str:
+    """The message of an error reply, reading at most ``MAX_ERROR_BYTES`` of it."""
+    body = bytearray()
+    deadline = time.monotonic() + 5.0
     try:
-        payload = response.json()
-        return str(payload["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text.strip()[:200] or response.reason
+        while len(body) <= MAX_ERROR_BYTES and time.monotonic() < deadline:
+            piece = _read_some(response)
+            if not piece:
+                break
+            body += piece
+    except _READ_ERRORS:
+        pass
+    try:
+        return " ".join(str(json.loads(bytes(body[:MAX_ERROR_BYTES]))["error"]["message"]).split())[:300]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return bytes(body[:200]).decode("utf-8", "replace").strip() or response.reason or "no reason given"
 
 
 class TextStream:
-    """Iterate for text deltas; afterwards ``stats`` holds the timings and token counts."""
+    """Iterate for text deltas; afterwards ``stats`` holds the timings and token counts.
 
-    def __init__(self, response: requests.Response, started: float) -> None:
+    What the worker sends is checked as it arrives: an event that is not a well-formed chunk, an
+    error event, a line or event over the parser's limits, a stream that ends before ``[DONE]``,
+    and a stream that keeps sending bytes (keep-alives, junk) but no text for ``idle_timeout_s``
+    all end the iteration with a ``ClientError``, so a routed client fails over or resumes.
+    """
+
+    def __init__(self, response: requests.Response, started: float, idle_timeout_s: float = 120.0) -> None:
         self._response = response
         self._started = started
+        self._idle_timeout_s = idle_timeout_s
         self.stats: StreamStats | None = None
         self.finish_reason: str | None = None
 
@@ -59,36 +97,48 @@ class TextStream:
         parser = SSEParser()
         first: float | None = None
         deltas = 0
-        usage: dict[str, int] = {}
+        prompt_tokens: int | None = None
+        completion_tokens: int | None = None
+        progress = time.monotonic()  # when text last arrived
+        finished = False
         try:
-            for chunk in self._response.iter_content(chunk_size=None):
-                for event in parser.feed(chunk):
+            while not finished:
+                piece = _read_some(self._response)
+                if not piece:
+                    raise ClientError("the worker's stream ended before [DONE]; the answer may be cut short")
+                if time.monotonic() - progress > self._idle_timeout_s:
+                    raise ClientError(f"the worker sent no text for {self._idle_timeout_s:g} s")
+                for event in parser.feed(piece):
                     if event.data == "[DONE]":
-                        continue
-                    payload = json.loads(event.data)
-                    if "error" in payload:
-                        raise ClientError(f"the worker failed mid-stream: {payload['error'].get('message')}")
-                    usage = payload.get("usage") or usage
-                    for choice in payload.get("choices", []):
-                        text = choice.get("delta", {}).get("content") or choice.get("text") or ""
-                        self.finish_reason = choice.get("finish_reason") or self.finish_reason
-                        if text:
-                            first = first if first is not None else time.perf_counter()
-                            deltas += 1
-                            yield text
-        except requests.RequestException as exc:
+                        finished = True
+                        break
+                    chunk = read_chunk(event.data)
+                    prompt_tokens = chunk.prompt_tokens if chunk.prompt_tokens is not None else prompt_tokens
+                    if chunk.completion_tokens is not None:
+                        completion_tokens = chunk.completion_tokens
+                    self.finish_reason = chunk.finish_reason or self.finish_reason
+                    if chunk.text:
+                        first = first if first is not None else time.perf_counter()
+                        progress = time.monotonic()
+                        deltas += 1
+                        yield chunk.text
+        except PeerRejected as exc:
+            if exc.reason == "stream_error":
+                raise ClientError(f"the worker failed mid-stream: {exc.detail}") from exc
+            raise ClientError(f"the worker sent a bad event ({exc.reason}: {exc.detail})") from exc
+        except SSEError as exc:
+            raise ClientError(f"the worker's stream is not valid SSE: {exc}") from exc
+        except _READ_ERRORS as exc:
             raise ClientError(f"the connection to the worker broke mid-stream: {exc}") from exc
-        except ValueError as exc:
-            raise ClientError(f"the worker sent an event that is not JSON: {exc}") from exc
         finally:
             self._response.close()
         total = time.perf_counter() - self._started
-        tokens = usage.get("completion_tokens", deltas)
+        tokens = completion_tokens if completion_tokens is not None else deltas
         generating = total - (first - self._started) if first is not None else 0.0
         self.stats = StreamStats(
             ttft_s=None if first is None else first - self._started,
             total_s=total,
-            prompt_tokens=usage.get("prompt_tokens"),
+            prompt_tokens=prompt_tokens,
             completion_tokens=tokens,
             tokens_per_s=(tokens - 1) / generating if tokens > 1 and generating > 0 else 0.0,
             finish_reason=self.finish_reason,
@@ -128,24 +178,23 @@ class PeerInferClient:
             raise ClientError(f"invalid request to {url}: {exc}") from exc
         if response.status_code != 200:
             retry = response.headers.get("Retry-After")
+            retry_after = int(retry) if retry and _RETRY_AFTER.fullmatch(retry) else None
             message = f"the worker at {self.base_url} answered {response.status_code}: {_error_message(response)}"
-            if retry:
-                message += f" (retry after {retry} s)"
+            if retry_after is not None:
+                message += f" (retry after {retry_after} s)"
             response.close()
-            raise ClientError(
-                message, status=response.status_code, retry_after=int(retry) if retry and retry.isdigit() else None
-            )
+            raise ClientError(message, status=response.status_code, retry_after=retry_after)
         return response
 
     def chat_stream(self, messages: list[Message], **params: Any) -> TextStream:
         body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}, **params}
         started = time.perf_counter()
-        return TextStream(self._post("/v1/chat/completions", body), started)
+        return TextStream(self._post("/v1/chat/completions", body), started, self._timeout[1])
 
     def completion_stream(self, prompt: str, **params: Any) -> TextStream:
         body = {"prompt": prompt, "stream": True, "stream_options": {"include_usage": True}, **params}
         started = time.perf_counter()
-        return TextStream(self._post("/v1/completions", body), started)
+        return TextStream(self._post("/v1/completions", body), started, self._timeout[1])
 
     def chat(self, messages: list[Message], **params: Any) -> str:
         return "".join(self.chat_stream(messages, **params))
@@ -155,7 +204,12 @@ class PeerInferClient:
             response = self._session.get(self.base_url + "/health", timeout=self._timeout)
         except requests.RequestException as exc:
             raise ClientError(f"cannot connect to a worker at {self.base_url}: {exc.__class__.__name__}") from exc
-        payload: dict[str, Any] = response.json()
+        try:
+            payload = response.json()
+        except (ValueError, RecursionError) as exc:
+            raise ClientError(f"the worker at {self.base_url} sent a /health that is not JSON") from exc
+        if not isinstance(payload, dict):
+            raise ClientError(f"the worker at {self.base_url} sent a /health that is not a JSON object")
         return payload
 
     def close(self) -> None:

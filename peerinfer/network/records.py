@@ -91,8 +91,8 @@ def sign_record(record: PeerRecord, identity: PeerIdentity) -> bytes:
 
 _INT_FIELDS = {"n_ctx": (1, 10_000_000), "slots_total": (1, 4096), "slots_free": (0, 4096), "queue": (0, 1_000_000)}
 _FIELDS = {f.name for f in PeerRecord.__dataclass_fields__.values()}
-MAX_TOKENS_PER_S = 100_000.0
-"""A claimed speed above this is not a CPU peer's; such a record is refused rather than believed."""
+MAX_TOKENS_PER_S = 10_000_000.0
+"""A claimed speed above this is no machine's; such a record is refused. Workers announce at most this."""
 MAX_TIMESTAMP = 1e11
 """Issue and expiry times are Unix seconds; beyond this (year 5138) a value is not a time."""
 MAX_SIGNATURES_PER_READ = 512

@@ -32,6 +32,7 @@ from peerinfer.network.identity import PeerIdentity, b64, load_or_create_identit
 from peerinfer.network.records import (
     DIRECTORY_KEY,
     MAX_NONCE_BYTES,
+    MAX_TOKENS_PER_S,
     MIN_NONCE_BYTES,
     PeerRecord,
     challenge_message,
@@ -131,7 +132,7 @@ class WorkerNetwork:
             slots_total=stats.slots_total,
             slots_free=max(0, stats.slots_total - stats.slots_busy),
             queue=stats.queued,
-            tokens_per_s=round(self.tokens_per_s, 2),
+            tokens_per_s=round(min(self.tokens_per_s, MAX_TOKENS_PER_S), 2),  # the fake engine is faster
             issued_at=round(now, 3),
             expires_at=round(now + self.settings.record_lifetime_s, 3),
             instance=self.instance,
