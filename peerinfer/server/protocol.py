@@ -42,6 +42,7 @@ from peerinfer.api.openai import dumps, error_body
 log = logging.getLogger("peerinfer.worker")
 REFUSAL_LOG_INTERVAL_S = 10.0
 LINGER_S = 2.0  # after a refusal, read and drop what the client still sends, so that it can read the answer
+LINGER_MAX_BYTES = 1_048_576  # but not more than this: then close at once
 MAX_APP_WRAPPERS = 8
 
 
@@ -131,6 +132,7 @@ class ConnectionGuard:
         self.in_head = True
         self.head_bytes = 0
         self.closing = False
+        self.dropped = 0
         self.timer: asyncio.TimerHandle | None = None
         self.arm(limits.head_timeout_s, self.head_overdue)
 
@@ -142,6 +144,12 @@ class ConnectionGuard:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def drop(self, count: int) -> None:
+        """Bytes that arrived after a refusal: dropped, up to ``LINGER_MAX_BYTES``."""
+        self.dropped += count
+        if self.dropped > LINGER_MAX_BYTES:
+            self.transport.close()
 
     def head_room(self) -> int:
         return self.limits.max_header_bytes - self.head_bytes
@@ -273,6 +281,7 @@ class GuardedH11Protocol(H11Protocol):
             super().data_received(data)
             return
         if guard.closing:
+            guard.drop(len(data))
             return
         guard.received(len(data))
         before = self.cycle
@@ -320,6 +329,7 @@ else:
         def data_received(self, data: bytes) -> None:
             guard = self.guard
             if guard is not None and guard.closing:
+                guard.drop(len(data))
                 return
             if guard is None or not guard.in_head:
                 super().data_received(data)
