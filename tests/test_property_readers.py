@@ -11,9 +11,14 @@ import json
 import math
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from peerinfer.client.peer_http import HttpReply, PeerRejected, parse_reply
+from peerinfer.client.sse_parser import SSEError, SSEParser
+from peerinfer.client.stream_events import read_chunk
+from peerinfer.client.vetting import read_challenge, read_health
 from peerinfer.network.identity import b64
 from peerinfer.network.records import (
     _FIELDS,
@@ -117,3 +122,81 @@ def test_challenge_answers(answer: Any, nonce: bytes) -> None:
 
 def test_finite_check_is_real() -> None:
     assert _read(_signed_with("tokens_per_s", math.inf)) == "bad_field"
+
+
+# --- what a peer answers the routed client ------------------------------------------------------
+
+PEER_REASONS = {"unhealthy", "wrong_model", "malformed", "bad_field", "bad_challenge", "stream_error", "too_large"}
+RECORD = make_record(IDENTITY)
+health_fields = st.fixed_dictionaries(
+    {"sha256": st.one_of(st.just(RECORD.sha256), json_values)},
+    optional={name: json_values for name in ("slots_total", "slots_free", "requests_waiting", "status")},
+)
+
+
+def _peer_outcome(read: Any, *args: Any) -> str:
+    try:
+        read(*args)
+    except PeerRejected as exc:
+        assert exc.reason in PEER_REASONS, exc.reason
+        return exc.reason
+    return "accepted"
+
+
+@FAST
+@given(
+    st.one_of(st.binary(max_size=2000), json_values.map(_dumps), health_fields.map(_dumps), deep), st.integers(100, 599)
+)
+@example(b'{"sha256": "' + RECORD.sha256.encode() + b'", "slots_total": "four"}', 200)
+def test_health_replies(body: bytes, status: int) -> None:
+    outcome = _peer_outcome(read_health, HttpReply(status, {}, body), RECORD, 0.01)
+    if outcome == "accepted":
+        probe = read_health(HttpReply(status, {}, body), RECORD, 0.01)
+        assert 1 <= probe.slots_total <= 4096 and 0 <= probe.slots_free <= probe.slots_total
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=2000), json_values.map(_dumps), deep), st.binary(min_size=16, max_size=64))
+def test_challenge_replies(body: bytes, nonce: bytes) -> None:
+    assert _peer_outcome(read_challenge, HttpReply(200, {}, body), RECORD, nonce) in {"bad_challenge", "malformed"}
+
+
+@FAST
+@given(st.binary(max_size=3000), st.booleans())
+@example(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffff\r\nab", True)
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n", True)
+def test_http_replies(data: bytes, complete: bool) -> None:
+    _peer_outcome(parse_reply, data, complete)
+    _peer_outcome(parse_reply, b"HTTP/1.1 200 OK\r\n" + data, complete)
+
+
+@FAST
+@given(st.one_of(st.text(max_size=500), json_values.map(lambda v: _dumps(v).decode()), deep.map(bytes.decode)))
+@example('{"choices": [{"delta": {"content": 5}}]}')
+@example('{"error": ["not", "an", "object"]}')
+@example('{"usage": {"completion_tokens": "many"}}')
+def test_stream_payloads(data: str) -> None:
+    outcome = _peer_outcome(read_chunk, data)
+    if outcome == "accepted":
+        chunk = read_chunk(data)
+        assert isinstance(chunk.text, str)
+
+
+@FAST
+@given(st.lists(st.binary(max_size=300), max_size=20))
+def test_sse_parser_on_any_bytes(pieces: list[bytes]) -> None:
+    parser = SSEParser(max_line_bytes=256, max_event_bytes=512)
+    try:
+        for piece in pieces:
+            for event in parser.feed(piece):
+                assert isinstance(event.data, str)
+    except SSEError:
+        pass  # over the limits: the stream is refused, memory stays bounded
+
+
+def test_sse_parser_refuses_a_line_that_never_ends() -> None:
+    parser = SSEParser(max_line_bytes=1000)
+    with pytest.raises(SSEError):
+        for _ in range(100):
+            parser.feed(b"x" * 100)
+    assert len(parser._buffer) <= 1100
