@@ -253,3 +253,26 @@ def test_worker_keeps_announcing_through_garbage_values_and_failing_puts(net: Ne
 
 def _announced_after(client: RoutedClient, peer_id: str, when: float) -> bool:
     return any(r.peer_id == peer_id and r.issued_at > when for r in client.discovery.lookup(FAKE_SHA).records)
+
+
+def test_peers_shows_which_peers_proved_their_key(net: Net, tmp_path: Path) -> None:
+    real = net.add_worker(tmp_path / "real")
+    # A validly signed record that claims the real worker's endpoint under another key.
+    impostor = PeerIdentity.generate()
+    now = time.time()
+    forged = make_record(impostor, sha256=FAKE_SHA, endpoints=(real.url,), issued_at=now, expires_at=now + 30)
+    net.boot.put(model_key(FAKE_SHA), sign_record(forged, impostor))
+    base = ["peers", "--bootstrap", f"127.0.0.1:{net.boot.port}", "--network-id", str(net.net), "--sha256", FAKE_SHA]
+    out, err = io.StringIO(), io.StringIO()
+    assert peerinfer_main([*base, "--min-peers", "2", "--json"], out, err) == 0, err.getvalue()
+    listed = {peer["id"]: peer for peer in json.loads(out.getvalue())}
+    assert listed[real.peer_id]["verified"] is True and listed[real.peer_id]["failure"] is None
+    assert listed[impostor.peer_id]["verified"] is False and listed[impostor.peer_id]["failure"] == "bad_challenge"
+    assert listed[impostor.peer_id]["endpoint"] == real.url and listed[impostor.peer_id]["rtt_ms"] is not None
+    assert "1 listed peers did not prove" in err.getvalue()
+
+    table = io.StringIO()
+    assert peerinfer_main([*base, "--min-peers", "2"], table, io.StringIO()) == 0
+    header, *rows = table.getvalue().splitlines()
+    assert header.split()[5] == "VERIFIED"
+    assert sorted(row.split()[5] for row in rows) == ["no", "yes"]

@@ -81,8 +81,15 @@ def vet_peer(record: PeerRecord, *, deadline: float, challenge: bool) -> Probe:
         time.monotonic() - started,
     )
     if challenge:
-        nonce = secrets.token_bytes(32)
-        body = json.dumps({"nonce": b64(nonce)}).encode()
-        reply = exchange(url, "POST", "/peer/challenge", deadline=deadline, max_bytes=MAX_CHALLENGE_BYTES, body=body)
-        read_challenge(reply, record, nonce)
+        prove_key(record, deadline=deadline)
     return probe
+
+
+def prove_key(record: PeerRecord, *, deadline: float) -> None:
+    """Ask the endpoint to sign a fresh nonce by ``deadline``; raises ``PeerRejected`` unless it is the record's key."""
+    nonce = secrets.token_bytes(32)
+    body = json.dumps({"nonce": b64(nonce)}).encode()
+    reply = exchange(
+        record.endpoints[0], "POST", "/peer/challenge", deadline=deadline, max_bytes=MAX_CHALLENGE_BYTES, body=body
+    )
+    read_challenge(reply, record, nonce)

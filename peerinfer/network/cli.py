@@ -9,10 +9,11 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-import requests
-
+from peerinfer.client.peer_http import PeerRejected
+from peerinfer.client.vetting import prove_key, vet_peer
 from peerinfer.errors import PeerInferError
 from peerinfer.network.addresses import dht_bind_host, parse_bootstrap
 from peerinfer.network.dht import DhtNode
@@ -54,16 +55,31 @@ def run_bootstrap(args: argparse.Namespace, err: TextIO) -> int:
     return 0
 
 
-def _rtt_ms(url: str) -> float | None:
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class PeerCheck:
+    """What ``peers`` found out about a listed peer itself: its /health round trip and its key."""
+
+    rtt_ms: float | None
+    verified: bool
+    failure: str | None = None
+
+
+def check_peer(record: PeerRecord, timeout_s: float = 2.0) -> PeerCheck:
+    """Probe ``/health`` and ask for the signed nonce, within ``timeout_s`` in all. Never raises."""
+    deadline = time.monotonic() + timeout_s
     try:
-        ok = requests.get(url + "/health", timeout=2).status_code == 200
-    except requests.RequestException:
-        return None
-    return round((time.perf_counter() - started) * 1000, 1) if ok else None
+        probe = vet_peer(record, deadline=deadline, challenge=False)
+    except PeerRejected as exc:
+        return PeerCheck(None, False, exc.reason)
+    rtt_ms = round(probe.rtt_s * 1000, 1)
+    try:
+        prove_key(record, deadline=deadline)
+    except PeerRejected as exc:
+        return PeerCheck(rtt_ms, False, exc.reason)
+    return PeerCheck(rtt_ms, True)
 
 
-def describe(record: PeerRecord, rtt_ms: float | None, now: float) -> dict[str, Any]:
+def describe(record: PeerRecord, check: PeerCheck, now: float) -> dict[str, Any]:
     return {
         "id": record.peer_id,
         "endpoint": record.endpoints[0],
@@ -72,14 +88,16 @@ def describe(record: PeerRecord, rtt_ms: float | None, now: float) -> dict[str, 
         "slots_free": record.slots_free,
         "slots_total": record.slots_total,
         "queue": record.queue,
-        "rtt_ms": rtt_ms,
+        "rtt_ms": check.rtt_ms,
+        "verified": check.verified,
+        "failure": check.failure,
         "tokens_per_s": record.tokens_per_s,
         "age_s": round(record.age_s(now), 1),
     }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["ID", "ENDPOINT", "MODEL", "SLOTS", "RTT_MS", "TOKENS/S", "AGE_S"]
+    header = ["ID", "ENDPOINT", "MODEL", "SLOTS", "RTT_MS", "VERIFIED", "TOKENS/S", "AGE_S"]
     lines = [header] + [
         [
             row["id"][:12],
@@ -87,6 +105,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             row["model"],
             f"{row['slots_free']}/{row['slots_total']}",
             "down" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f}",
+            "yes" if row["verified"] else "no",
             f"{row['tokens_per_s']:.1f}",
             f"{row['age_s']:.0f}",
         ]
@@ -116,14 +135,20 @@ def run_peers(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             time.sleep(0.2)
     finally:
         node.close()
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        rtts = list(pool.map(lambda r: _rtt_ms(r.endpoints[0]), records))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        checks = list(pool.map(check_peer, records))
     now = time.time()
-    rows = [describe(record, rtt, now) for record, rtt in zip(records, rtts, strict=True)]
+    rows = [describe(record, check, now) for record, check in zip(records, checks, strict=True)]
     if args.json:
         print(json.dumps(rows, indent=2), file=out)
     else:
         print(format_table(rows), file=out)
+    unverified = sum(not check.verified for check in checks)
+    if unverified:
+        print(
+            f"{unverified} listed peers did not prove they hold their record's key (VERIFIED no): do not trust them",
+            file=err,
+        )
     if discovery.rejected:
         print(f"dropped {sum(discovery.rejected.values())} invalid records: {dict(discovery.rejected)}", file=err)
     return 0 if records else 1
