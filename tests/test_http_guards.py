@@ -194,6 +194,9 @@ def test_the_challenge_route_has_the_api_body_limits(tmp_path: Path) -> None:
         )
         assert error["type"] == "invalid_request_error"
     assert client.post("/peer/challenge", json={"nonce": nonce}).status_code == 200
+    operation = client.get("/openapi.json").json()["paths"]["/peer/challenge"]["post"]
+    assert "nonce" in operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert set(operation["responses"]) >= {"200", "400", "413", "415"}
 
 
 def test_a_bad_log_level_is_one_config_error_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,6 +41,7 @@ from peerinfer.network.records import (
     sign_record,
 )
 from peerinfer.server.guards import read_json_body
+from peerinfer.server.openapi import errors
 from peerinfer.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ class WorkerNetwork:
                     "content": {"application/json": {"schema": ChallengeRequest.model_json_schema()}},
                 }
             },
+            responses={200: {"description": "The nonce signed with the peer's key."}, **errors(400, 413, 415, 503)},
         )
         async def challenge(request: Request) -> JSONResponse:
             if self.identity is None:

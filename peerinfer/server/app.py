@@ -20,7 +20,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,7 +28,7 @@ from peerinfer.api import sse
 from peerinfer.engine.base import Engine
 from peerinfer.errors import AuthError, ConfigError, OverloadedError, PeerInferError
 from peerinfer.network.addresses import guess_announce_url
-from peerinfer.server import protocol
+from peerinfer.server import openapi, protocol
 from peerinfer.server.errors import error_response, http_error_response
 from peerinfer.server.guards import HostGuard, HostPolicy, read_json_body
 from peerinfer.server.metrics import CONTENT_TYPE, UNMATCHED, WorkerMetrics
@@ -140,7 +139,7 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
         if state.owns_engine:
             state.engine.close()
 
-    app = FastAPI(title="peerinfer worker", lifespan=lifespan, description=API_DESCRIPTION)
+    app = FastAPI(title="peerinfer worker", lifespan=lifespan, description=openapi.API_DESCRIPTION)
     app.state.worker = state
     app.state.network = network
     app.state.http_limits = protocol.HttpLimits(
@@ -167,73 +166,8 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
     app.add_middleware(RequestCounter, metrics=metrics)
     _add_error_handlers(app)
     _add_routes(app, state)
-    _document_request_bodies(app, (wire.ChatCompletionRequest, wire.CompletionRequest))
+    openapi.document_request_bodies(app, (wire.ChatCompletionRequest, wire.CompletionRequest))
     return app
-
-
-API_DESCRIPTION = (
-    "An OpenAI-compatible worker of the peerinfer network. POST bodies must be `application/json`; every "
-    'error is `{"error": {"message", "type", "param", "code"}}`.'
-)
-SCHEMA_REF = "#/components/schemas/{model}"
-ERROR_MEANINGS = {
-    400: "Invalid request (the message names the field), or a Host this worker does not serve.",
-    401: "Missing or wrong API key.",
-    408: "The request body did not arrive in time (PEERINFER_BODY_TIMEOUT_S).",
-    413: "The request body is larger than PEERINFER_MAX_BODY_BYTES.",
-    415: "The request body is not application/json.",
-    503: "The model is loading or failed, the queue is full, or too many connections; see Retry-After.",
-}
-ANY_JSON: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": wire.ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
-
-
-COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The completion object, or with `stream` an SSE stream of chunks ending in `data: [DONE]`.",
-        "content": {**ANY_JSON, "text/event-stream": {"schema": {"type": "string"}}},
-    },
-    **_errors(400, 401, 408, 413, 415, 503),
-}
-MODELS_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The loaded model.", "content": ANY_JSON},
-    **_errors(400, 401, 503),
-}
-HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Ready: model, sha256, context, slots and queue.", "content": ANY_JSON},
-    503: {"description": "Loading, failed to load, or decoding fails (`status` says which).", "content": ANY_JSON},
-    **_errors(400),
-}
-METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}},
-    **_errors(400),
-}
-
-
-def _request_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` for a route that reads ``model`` from the raw body itself."""
-    schema = {"$ref": SCHEMA_REF.format(model=model.__name__)}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def _document_request_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
-    """Put the request models (and their ``$defs``) into the schema's components, where the routes point."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in models:
-                body = model.model_json_schema(ref_template=SCHEMA_REF)
-                schemas.update(body.pop("$defs", {}))
-                schemas[model.__name__] = body
-        return app.openapi_schema or {}
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class RequestCounter:
@@ -295,7 +229,7 @@ def _require_ready(state: WorkerState) -> None:
 
 
 def _add_routes(app: FastAPI, state: WorkerState) -> None:
-    @app.get("/health", responses=HEALTH_RESPONSES)
+    @app.get("/health", responses=openapi.HEALTH_RESPONSES)
     async def health() -> JSONResponse:
         if not state.ready:
             body: dict[str, Any] = {"status": "failed" if state.load_error else "loading"}
@@ -318,7 +252,7 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
             }
         )
 
-    @app.get("/v1/models", responses=MODELS_RESPONSES)
+    @app.get("/v1/models", responses=openapi.MODELS_RESPONSES)
     async def models(request: Request) -> JSONResponse:
         _check_api_key(state, request)
         _require_ready(state)
@@ -333,7 +267,7 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
         }
         return JSONResponse({"object": "list", "data": [model]})
 
-    @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
+    @app.get("/metrics", response_class=Response, responses=openapi.METRICS_RESPONSES)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -350,8 +284,8 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
 
     @app.post(
         "/v1/chat/completions",
-        openapi_extra=_request_body(wire.ChatCompletionRequest),
-        responses=COMPLETION_RESPONSES,
+        openapi_extra=openapi.request_body(wire.ChatCompletionRequest),
+        responses=openapi.COMPLETION_RESPONSES,
     )
     async def chat_completions(request: Request) -> Response:
         _check_api_key(state, request)
@@ -361,7 +295,11 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
         _require_ready(state)
         return await run(request, await state.service.prepare_chat(parsed), parsed.stream)
 
-    @app.post("/v1/completions", openapi_extra=_request_body(wire.CompletionRequest), responses=COMPLETION_RESPONSES)
+    @app.post(
+        "/v1/completions",
+        openapi_extra=openapi.request_body(wire.CompletionRequest),
+        responses=openapi.COMPLETION_RESPONSES,
+    )
     async def completions(request: Request) -> Response:
         _check_api_key(state, request)
         parsed = wire.parse_request(

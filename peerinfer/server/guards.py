@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from peerinfer.api.openai import dumps, error_body
 from peerinfer.errors import BodyTooLargeError, ClientDisconnectedError, UnsupportedMediaTypeError
+from peerinfer.server.protocol import refusal_log
 
 log = logging.getLogger("peerinfer.worker")
 
@@ -111,7 +112,7 @@ class HostGuard:
             await self.app(scope, receive, send)
             return
         shown = header if len(header) <= 100 else header[:97] + "..."
-        log.warning("refused a request for Host %r (not a name of this worker)", shown)
+        refusal_log("host_not_allowed", f"refused a request for Host {shown!r} (not a name of this worker)")
         message = (
             f"this worker does not serve the host {shown!r}; use http://127.0.0.1:<port>, the announce URL, "
             "or add the name to PEERINFER_ALLOWED_HOSTS"
