@@ -83,10 +83,12 @@ def test_loopback_hosts_pass(client: TestClient, host: str) -> None:
 
 
 def test_the_announce_host_and_allowed_hosts_pass() -> None:
-    settings = worker_settings(announce_url="http://worker.example:8001", allowed_hosts="box.lan, .corp.example")
+    settings = worker_settings(
+        announce_url="http://worker.example:8001", allowed_hosts="box.lan, .corp.example, http://url.example:9/"
+    )
     client = ready_client(settings)
     try:
-        for host in ("worker.example:8001", "box.lan", "gpu.corp.example:80", "corp.example"):
+        for host in ("worker.example:8001", "box.lan", "gpu.corp.example:80", "corp.example", "url.example"):
             assert client.get("/health", headers={"Host": host}).status_code == 200, host
         for host in ("evil.example", "worker.example.evil.example", "xcorp.example"):
             assert_openai_error(client.get("/health", headers={"Host": host}), 400)
@@ -113,7 +115,7 @@ def test_no_cors_headers_by_default(client: TestClient) -> None:
 
 
 def test_cors_preflight_from_a_listed_origin_is_allowed_and_others_are_not() -> None:
-    client = ready_client(worker_settings(cors_origins="https://app.example"))
+    client = ready_client(worker_settings(cors_origins="https://app.example/"))
     try:
         allowed = client.options(CHAT, headers={"Origin": "https://app.example", **PREFLIGHT})
         assert allowed.status_code == 200

@@ -153,7 +153,7 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
     if network is not None:
         app.include_router(network.router)
     if settings.cors_origins:
-        origins = ["*"] if "*" in settings.cors_origins else list(settings.cors_origins)
+        origins = ["*"] if "*" in settings.cors_origins else [origin.rstrip("/") for origin in settings.cors_origins]
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,

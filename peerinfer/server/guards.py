@@ -69,6 +69,8 @@ class HostPolicy:
         any_host = False
         for entry in configured:
             entry = entry.strip().lower()
+            if "://" in entry:  # a URL given where a host name was meant
+                entry = url_host(entry) or ""
             if entry == "*":
                 any_host = True
             elif entry.startswith("."):
