@@ -285,7 +285,7 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
     @app.post(
         "/v1/chat/completions",
         openapi_extra=openapi.request_body(wire.ChatCompletionRequest),
-        responses=openapi.COMPLETION_RESPONSES,
+        responses=openapi.CHAT_RESPONSES,
     )
     async def chat_completions(request: Request) -> Response:
         _check_api_key(state, request)

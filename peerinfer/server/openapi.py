@@ -40,13 +40,19 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": wire.ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
 
 
-COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The completion object, or with `stream` an SSE stream of chunks ending in `data: [DONE]`.",
-        "content": {**ANY_JSON, "text/event-stream": {"schema": SSE_EVENT}},
-    },
-    **errors(400, 401, 408, 413, 415, 503),
-}
+def completion_responses(answer: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "model": answer,
+            "description": "The answer, or with `stream` an SSE stream of chunks ending in `data: [DONE]`.",
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
+        },
+        **errors(400, 401, 408, 413, 415, 503),
+    }
+
+
+CHAT_RESPONSES = completion_responses(wire.ChatCompletion)
+COMPLETION_RESPONSES = completion_responses(wire.TextCompletion)
 MODELS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The loaded model.", "content": ANY_JSON},
     **errors(400, 401, 503),
