@@ -5,7 +5,8 @@ ASGI middleware only sees a request once its head is complete, so a client that 
 stopped below ASGI, in uvicorn's protocol objects. The guarded protocols here subclass uvicorn's and
 add, per connection:
 
-- the head (request line and headers) may hold ``max_header_bytes``: more gets 431 and a close;
+- the head (request line and headers) may hold ``max_header_bytes``: more gets 431 and a close (a head
+  pipelined behind a body in the same read, at most 256 KiB, is counted from the next read on);
 - the head must arrive within ``head_timeout_s`` of its first byte (or of connecting): 408 and a close,
   or just a close when nothing came;
 - the body must arrive within ``body_timeout_s`` after the head: 408 (if no answer started) and a close;
