@@ -238,9 +238,12 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
             return JSONResponse(body, status_code=503)
         info = state.engine.info
         stats = state.engine.stats()
+        # The engine's last decode call failed: it may serve nothing until one works again (503).
+        failing = {"error": stats.last_error, "decode_failures": stats.decode_failures} if stats.failing else {}
         return JSONResponse(
             {
-                "status": "ok",
+                "status": "degraded" if failing else "ok",
+                **failing,
                 "model": info.model_id,
                 "sha256": info.sha256,
                 "n_ctx": info.n_ctx,
@@ -249,7 +252,8 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
                 "slots_free": stats.slots_total - stats.slots_busy,
                 "requests_running": stats.slots_busy,
                 "requests_waiting": stats.queued,
-            }
+            },
+            status_code=503 if failing else 200,
         )
 
     @app.get("/v1/models", responses=openapi.MODELS_RESPONSES)
