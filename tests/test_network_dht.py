@@ -276,3 +276,17 @@ def test_peers_shows_which_peers_proved_their_key(net: Net, tmp_path: Path) -> N
     header, *rows = table.getvalue().splitlines()
     assert header.split()[5] == "VERIFIED"
     assert sorted(row.split()[5] for row in rows) == ["no", "yes"]
+
+
+def test_a_get_reads_a_bounded_number_of_bounded_values(net: Net) -> None:
+    key = model_key(FAKE_SHA)
+    node = DhtNode(host="127.0.0.1", port=0, network_id=net.net, bootstrap=[("127.0.0.1", net.boot.port)])
+    try:
+        for number in range(30):
+            net.boot.put(key, b"%d" % number + b"x" * (10_000 if number == 0 else 10))
+        wait_until(lambda: len(node.get(key, 2.0)) == 30, 15, "the 30 values were not found")
+        assert max(len(value) for value in node.get(key, 2.0)) == 4097  # a 10 KB value is cut, not kept
+        capped = node.get(key, 2.0, max_values=10)
+        assert len(capped) == 10 and capped.skipped >= 1
+    finally:
+        node.close()

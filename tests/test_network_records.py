@@ -241,3 +241,33 @@ def test_select_live_checks_each_signature_once_and_caps_the_checks() -> None:
     for seed in range(10):
         first = select_live([*flood, GOOD], NOW, max_signatures=1, trusted={IDENTITY.peer_id}, rng=random.Random(seed))
         assert first.records == [make_record(IDENTITY)]
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.values: list[bytes] = []
+
+    def get(self, key: str, timeout_s: float) -> list[bytes]:
+        return list(self.values)
+
+
+def test_a_flood_that_hides_a_peer_from_one_get_does_not_hide_it_from_discovery() -> None:
+    from peerinfer.network.discovery import Discovery
+
+    clock = [NOW]
+    store = _Store()
+    discovery = Discovery(store, timeout_s=0, clock=lambda: clock[0])
+    store.values = [GOOD]
+    assert [r.peer_id for r in discovery.lookup(SHA).records] == [IDENTITY.peer_id]
+    store.values = [b"garbage"] * 100  # this get read only the flood
+    assert [r.peer_id for r in discovery.lookup(SHA).records] == [IDENTITY.peer_id]
+    clock[0] = NOW + 61  # until the record expires
+    assert discovery.lookup(SHA).records == []
+    # A withdrawal that is read hides the instance at once, cached or not.
+    clock[0] = NOW
+    store.values = [GOOD]
+    discovery.lookup(SHA)
+    store.values = [
+        sign_record(make_record(IDENTITY, issued_at=NOW + 1, expires_at=NOW + 61, withdrawn=True), IDENTITY)
+    ]
+    assert discovery.lookup(SHA).records == []

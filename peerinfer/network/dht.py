@@ -34,6 +34,16 @@ log = logging.getLogger(__name__)
 
 VALUE_TYPE_ID = 0x5049  # "PI"
 DEFAULT_NETWORK_ID = 0x50494E46  # "PINF"
+MAX_VALUES_PER_GET = 4096
+MAX_VALUE_BYTES = 4096
+CROWDED_VALUES = 256
+CROWDED_SETTLE_S = 1.0
+
+
+class FoundValues(list[bytes]):
+    """The values of one get; ``skipped`` counts those that arrived after the cap and were not kept."""
+
+    skipped: int = 0
 
 
 class DhtNode:
@@ -77,23 +87,43 @@ class DhtNode:
         value.id = random.getrandbits(63) + 1
         self._runner.put(opendht.InfoHash.get(key), value, _ignore_done)
 
-    def get(self, key: str, timeout_s: float, settle_s: float = 0.25) -> list[bytes]:
+    def get(
+        self,
+        key: str,
+        timeout_s: float,
+        settle_s: float = 0.25,
+        *,
+        max_values: int = MAX_VALUES_PER_GET,
+        max_value_bytes: int = MAX_VALUE_BYTES,
+    ) -> FoundValues:
         """The values found under ``key``; raises ``NetworkError`` if the node is stopped.
 
         Returns when the search is done, after ``timeout_s``, or once values have arrived and none
         more for ``settle_s``: a search waits for every close node to answer or time out, and nodes
-        that left recently (closed clients) would otherwise add seconds to every lookup.
+        that left recently (closed clients) would otherwise add seconds to every lookup. A large
+        answer (``CROWDED_VALUES`` values or more: a flooded key, or a very big network) arrives in
+        bursts up to a second apart, so then the quiet spell must last ``CROWDED_SETTLE_S``:
+        stopping at the first gap would read only part of it, and a flood could hide a worker.
+
+        Anyone can put values under any key, so reading is bounded: a value longer than
+        ``max_value_bytes`` is kept as its first ``max_value_bytes + 1`` bytes (readers count it as
+        too large), and after ``max_values`` values the search stops; ``skipped`` counts the values
+        that arrived past the cap.
         """
         if self._closed:
             raise NetworkError("the DHT node is stopped")
-        found: list[bytes] = []
+        found = FoundValues()
         lock = threading.Lock()
         done = threading.Event()
         arrived = threading.Event()
 
         def on_value(value: Any) -> bool:
             with lock:
-                found.append(bytes(value.data))
+                if len(found) >= max_values:
+                    found.skipped += 1
+                    done.set()
+                    return False
+                found.append(bytes(value.data)[: max_value_bytes + 1])
             arrived.set()
             return not done.is_set()
 
@@ -109,13 +139,18 @@ class DhtNode:
                 break
             if arrived.is_set():
                 arrived.clear()
-                if not arrived.wait(min(settle_s, left)) and not done.is_set():
+                quiet = max(settle_s, CROWDED_SETTLE_S) if len(found) >= CROWDED_VALUES else settle_s
+                if not arrived.wait(min(quiet, left)) and not done.is_set():
                     break  # values came, then a quiet spell: the rest are stragglers
             else:
                 done.wait(min(0.05, left))
         done.set()
         with lock:
-            return list(found)
+            result = FoundValues(found)
+            result.skipped = found.skipped
+        if result.skipped:
+            log.warning("DHT get %s: read %d values and skipped %d more (the cap)", key, len(result), result.skipped)
+        return result
 
     def close(self) -> None:
         if self._closed:

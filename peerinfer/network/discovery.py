@@ -17,6 +17,7 @@ from typing import Protocol
 from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, VerifiedRecords, model_key, select_live
 
 log = logging.getLogger(__name__)
+MAX_REMEMBERED = 4096
 
 
 class ValueStore(Protocol):
@@ -63,17 +64,43 @@ class Discovery:
         self._clock = clock
         self.rejected: Counter[str] = Counter()
         self.trusted: set[str] = set()  # peers that proved their key: their records are checked first
+        self._seen: dict[str, dict[tuple[str, str], PeerRecord]] = {}  # per key: newest record per instance
 
     def verified(self, key: str) -> VerifiedRecords:
+        """The live records under ``key``: this get's, merged with those seen before that are still live.
+
+        One get may read only part of a flooded key; a peer verified by an earlier get stays listed
+        until its record expires or a withdrawal of it is read, so a flood cannot hide it later.
+        """
         values = self._store.get(key, self._get_timeout_s)
-        result = select_live(values, self._clock(), trusted=self.trusted)
+        now = self._clock()
+        result = select_live(values, now, trusted=self.trusted)
         skipped = getattr(values, "skipped", 0)  # values the DHT node stopped reading (DhtNode.get's cap)
         if skipped:
             result.rejected["over_limit"] += skipped
         if result.rejected:
             log.info("dropped %d DHT values under %s: %s", sum(result.rejected.values()), key, dict(result.rejected))
         self.rejected.update(result.rejected)
-        return result
+        return self._merge(key, result, now)
+
+    def _merge(self, key: str, result: VerifiedRecords, now: float) -> VerifiedRecords:
+        seen = self._seen.setdefault(key, {})
+        for record in [*result.instances, *result.withdrawn]:
+            current = seen.get((record.peer_id, record.instance))
+            if current is None or (record.issued_at, record.withdrawn) > (current.issued_at, current.withdrawn):
+                seen[(record.peer_id, record.instance)] = record
+        for instance, record in list(seen.items()):
+            if record.expires_at <= now:
+                del seen[instance]
+        if len(seen) > MAX_REMEMBERED:  # keep the newest; a flood of valid records cannot grow this for ever
+            for instance, _ in sorted(seen.items(), key=lambda item: item[1].issued_at)[: len(seen) - MAX_REMEMBERED]:
+                del seen[instance]
+        instances = sorted((r for r in seen.values() if not r.withdrawn), key=lambda r: (r.peer_id, -r.issued_at))
+        by_peer: dict[str, PeerRecord] = {}
+        for record in instances:
+            by_peer.setdefault(record.peer_id, record)
+        withdrawn = [r for r in seen.values() if r.withdrawn]
+        return VerifiedRecords(list(by_peer.values()), instances, result.rejected, withdrawn)
 
     def lookup(self, sha256: str | None = None, name: str | None = None, min_peers: int = 1) -> Lookup:
         """Peers serving the model ``sha256``, or named ``name``, or the most served model."""
