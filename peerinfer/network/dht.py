@@ -36,8 +36,6 @@ VALUE_TYPE_ID = 0x5049  # "PI"
 DEFAULT_NETWORK_ID = 0x50494E46  # "PINF"
 MAX_VALUES_PER_GET = 4096
 MAX_VALUE_BYTES = 4096
-CROWDED_VALUES = 256
-CROWDED_SETTLE_S = 1.0
 
 
 class FoundValues(list[bytes]):
@@ -100,10 +98,10 @@ class DhtNode:
 
         Returns when the search is done, after ``timeout_s``, or once values have arrived and none
         more for ``settle_s``: a search waits for every close node to answer or time out, and nodes
-        that left recently (closed clients) would otherwise add seconds to every lookup. A large
-        answer (``CROWDED_VALUES`` values or more: a flooded key, or a very big network) arrives in
-        bursts up to a second apart, so then the quiet spell must last ``CROWDED_SETTLE_S``:
-        stopping at the first gap would read only part of it, and a flood could hide a worker.
+        that left recently (closed clients) would otherwise add seconds to every lookup. A flooded
+        key's answer comes in bursts up to a second apart, so such a get may read only part of it;
+        waiting out the bursts made every flooded lookup take ``timeout_s`` and still not read all
+        (measured), so discovery instead remembers the peers it verified until their records expire.
 
         Anyone can put values under any key, so reading is bounded: a value longer than
         ``max_value_bytes`` is kept as its first ``max_value_bytes + 1`` bytes (readers count it as
@@ -139,8 +137,7 @@ class DhtNode:
                 break
             if arrived.is_set():
                 arrived.clear()
-                quiet = max(settle_s, CROWDED_SETTLE_S) if len(found) >= CROWDED_VALUES else settle_s
-                if not arrived.wait(min(quiet, left)) and not done.is_set():
+                if not arrived.wait(min(settle_s, left)) and not done.is_set():
                     break  # values came, then a quiet spell: the rest are stragglers
             else:
                 done.wait(min(0.05, left))
