@@ -18,7 +18,7 @@ from starlette.types import Receive
 from peerinfer.api import openai as wire
 from peerinfer.api import sse
 from peerinfer.engine.base import Engine, Event, Finished, Generation, SamplingParams, TextDelta
-from peerinfer.engine.prompt import ChatTurn, PromptPart, render_chat
+from peerinfer.engine.prompt import ChatPrompt, ChatTurn, PromptPart, render_chat
 from peerinfer.errors import ContextLengthError, EngineError, PeerInferError, RequestError
 from peerinfer.server.metrics import WorkerMetrics
 from peerinfer.settings import WorkerSettings
@@ -26,6 +26,17 @@ from peerinfer.settings import WorkerSettings
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 # Tokenising a few KB takes well under a millisecond: cheaper on the loop than a hop to a thread.
 INLINE_TOKENIZE_CHARS = 8192
+# llama.cpp's tokenizer is quadratic in the user-defined tokens a text holds ("a\n\n" * 60000, 180 KB,
+# took 49 s of a core): a long prompt is first read in growing heads (8 KB, 32 KB, ...), and refused
+# as soon as one alone holds more than the context, so a body that cannot fit costs milliseconds.
+PROBE_FIRST_CHARS = 8192
+PROBE_GROWTH = 4
+# A cut changes the tokens next to it (a long token, up to 48 bytes in Gemma's vocabulary, may become
+# its bytes): a head may hold a few more tokens than the same text inside the whole prompt. A head
+# is refused only beyond the context by this margin, so that a prompt that fits is never refused.
+PROBE_MARGIN_TOKENS = 64
+# More messages than this are rendered off the loop (see prepare_chat).
+INLINE_RENDER_TURNS = 64
 
 
 @dataclass(frozen=True)
@@ -53,13 +64,25 @@ class CompletionService:
         self.settings = settings
         self.metrics = metrics
 
+    async def _tokenize_once(self, prompt: str | Sequence[PromptPart], add_bos: bool) -> list[int]:
+        if _chars(prompt) <= INLINE_TOKENIZE_CHARS:
+            return self.engine.tokenize(prompt, add_bos=add_bos)
+        return await anyio.to_thread.run_sync(lambda: self.engine.tokenize(prompt, add_bos=add_bos))
+
     async def _tokenize(self, prompt: str | Sequence[PromptPart], add_bos: bool, param: str) -> list[int]:
-        chars = len(prompt) if isinstance(prompt, str) else sum(len(part.text) for part in prompt)
-        if chars <= INLINE_TOKENIZE_CHARS:
-            tokens = self.engine.tokenize(prompt, add_bos=add_bos)
-        else:
-            tokens = await anyio.to_thread.run_sync(lambda: self.engine.tokenize(prompt, add_bos=add_bos))
         n_ctx = self.engine.info.n_ctx
+        chars = _chars(prompt)
+        head_chars = PROBE_FIRST_CHARS
+        while head_chars < chars:
+            counted = len(await self._tokenize_once(_head(prompt, head_chars), add_bos)) - PROBE_MARGIN_TOKENS
+            if counted >= n_ctx:
+                raise ContextLengthError(
+                    f"the prompt has more than {counted} tokens but the context holds {n_ctx} (its first {head_chars} "
+                    f"of {chars} characters alone hold that many); shorten it or raise PEERINFER_N_CTX on the worker",
+                    param=param,
+                )
+            head_chars *= PROBE_GROWTH
+        tokens = await self._tokenize_once(prompt, add_bos)
         if not tokens:
             raise RequestError("the prompt is empty; send some text", param=param)
         if len(tokens) >= n_ctx:
@@ -83,13 +106,19 @@ class CompletionService:
     async def prepare_chat(self, request: wire.ChatCompletionRequest) -> PreparedRequest:
         info = self.engine.info
         turns = [ChatTurn(message.role, message.text) for message in request.messages]
-        prompt = render_chat(
-            turns,
-            info.chat_template,
-            bos_token=info.bos_token,
-            eos_token=info.eos_token,
-            continue_final=request.continue_final_message,
-        )
+
+        def render() -> ChatPrompt:
+            return render_chat(
+                turns,
+                info.chat_template,
+                bos_token=info.bos_token,
+                eos_token=info.eos_token,
+                continue_final=request.continue_final_message,
+            )
+
+        # A body of 20,000 empty messages took 0.36 s to render (a Jinja template, more): not on the loop.
+        many = len(turns) > INLINE_RENDER_TURNS or sum(len(turn.content) for turn in turns) > INLINE_TOKENIZE_CHARS
+        prompt = await anyio.to_thread.run_sync(render) if many else render()
         # Control tokens come from the template's markup only, never from a message's text.
         tokens = await self._tokenize(prompt.parts, prompt.add_bos, "messages")
         cap = self.settings.max_tokens_cap
@@ -155,6 +184,23 @@ class CompletionService:
             yield event
             if isinstance(event, Finished):
                 return
+
+
+def _chars(prompt: str | Sequence[PromptPart]) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(part.text) for part in prompt)
+
+
+def _head(prompt: str | Sequence[PromptPart], chars: int) -> str | list[PromptPart]:
+    """The first ``chars`` characters of a prompt, its parts' kinds kept."""
+    if isinstance(prompt, str):
+        return prompt[:chars]
+    head: list[PromptPart] = []
+    for part in prompt:
+        if chars <= 0:
+            break
+        head.append(part if len(part.text) <= chars else PromptPart(part.text[:chars], part.markup))
+        chars -= len(part.text)
+    return head
 
 
 def _finish_error(finished: Finished) -> PeerInferError:
