@@ -141,8 +141,11 @@ def parse_request(model: type[M], body: bytes) -> M:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         first = errors[0]
-        if first["type"] == "model_type" or first["type"] == "model_attributes_type":
-            raise RequestError("the request body must be a JSON object", param="body") from exc
+        if first["type"] in ("model_type", "model_attributes_type"):
+            if not first["loc"]:
+                raise RequestError("the request body must be a JSON object", param="body") from exc
+            param = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part))
+            raise RequestError(f"invalid '{param}': it must be a JSON object", param=param) from exc
         message, param = _describe(dict(first))
         raise RequestError(message, param=param) from exc
 
