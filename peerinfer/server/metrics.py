@@ -13,7 +13,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 UNMATCHED = "unmatched"
-REFUSAL_REASONS = ("header_too_large", "head_timeout", "body_timeout", "too_many_connections")
+REFUSAL_REASONS = ("header_too_large", "head_timeout", "body_timeout", "too_many_connections", "bad_request")
 
 
 class WorkerMetrics:

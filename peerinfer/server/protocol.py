@@ -114,6 +114,19 @@ def refusal_bytes(status: int, message: str, code: str) -> bytes:
     )
 
 
+INVALID_REQUEST = "Invalid HTTP request received."  # uvicorn's warning before its own plain-text 400
+
+
+def _drop_invalid_request(record: logging.LogRecord) -> bool:
+    return record.msg != INVALID_REQUEST
+
+
+# uvicorn's logger without its warning for a request that is not HTTP: the guard's refusal line,
+# rate-limited, says it instead (one warning per bad request let any client flood the log).
+_uvicorn_log = logging.getLogger("uvicorn.error.guarded")
+_uvicorn_log.addFilter(_drop_invalid_request)
+
+
 class ConnectionGuard:
     """The head/body state and the one timer of a connection. Its protocol reports what the parser saw."""
 
@@ -213,6 +226,15 @@ class ConnectionGuard:
             "(PEERINFER_MAX_HEADER_BYTES)",
         )
 
+    def bad_request(self) -> None:
+        self.refuse(
+            400,
+            "bad_request",
+            f"closed a connection from {self.client}: its request is not valid HTTP/1.1",
+            "the request is not valid HTTP/1.1; check its request line, header syntax, Content-Length and "
+            "Transfer-Encoding",
+        )
+
     def too_many_connections(self, open_now: int) -> None:
         self.refuse(
             503,
@@ -263,6 +285,7 @@ class GuardedH11Protocol(H11Protocol):
         self.guard: ConnectionGuard | None = None
         if self.limits is not None:
             self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+            self.logger = _uvicorn_log
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -287,12 +310,18 @@ class GuardedH11Protocol(H11Protocol):
         guard.received(len(data))
         before = self.cycle
         super().data_received(data)
-        if self.transport.is_closing():
+        if self.transport.is_closing() or guard.closing:
             return
         if guard.in_head and self.cycle is not before:
             guard.head_done()
         if not guard.in_head and (self.conn.their_state in (h11.DONE, h11.IDLE) or not self.cycle.more_body):
             guard.message_done()
+
+    def send_400_response(self, msg: str) -> None:
+        if self.guard is None:
+            super().send_400_response(msg)
+        elif not self.guard.closing:
+            self.guard.bad_request()
 
 
 try:
@@ -314,6 +343,8 @@ else:
             super().__init__(config, server_state, app_state, _loop)
             self.limits = limits_of(self.app)
             self.guard: ConnectionGuard | None = None
+            if self.limits is not None:
+                self.logger = _uvicorn_log
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -350,6 +381,12 @@ else:
                 guard.head_too_large()
                 return
             self.data_received(data[room:])
+
+        def send_400_response(self, msg: str) -> None:
+            if self.guard is None:
+                super().send_400_response(msg)
+            elif not self.guard.closing:
+                self.guard.bad_request()
 
         def handle_websocket_upgrade(self) -> None:
             if self.guard is not None:
