@@ -13,7 +13,6 @@ Two attacks come through the user's own browser when the worker listens on 127.0
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,9 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from peerinfer.api.openai import dumps, error_body
 from peerinfer.errors import BodyTooLargeError, ClientDisconnectedError, UnsupportedMediaTypeError
-from peerinfer.server.protocol import refusal_log
-
-log = logging.getLogger("peerinfer.worker")
+from peerinfer.server.protocol import departure_log, refusal_log
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 JSON_TYPE = re.compile(r"^\s*application/json\s*(;.*)?$", re.IGNORECASE)
@@ -157,6 +154,9 @@ async def read_json_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect as exc:
         client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
         expected = f" of {declared}" if declared is not None else ""
-        log.info("%s left while sending %s: %d%s bytes arrived", client, request.url.path, len(body), expected)
+        departure_log(
+            "left_during_upload",
+            f"{client} left while sending {request.url.path!r}: {len(body)}{expected} bytes arrived",
+        )
         raise ClientDisconnectedError("the client disconnected before its request body was complete") from exc
     return bytes(body)

@@ -68,8 +68,9 @@ class _Cycle(Protocol):
 class _RefusalLog:
     """One warning per kind of refusal every ``interval`` seconds; the ones in between are counted."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, level: int = logging.WARNING) -> None:
         self.interval = interval
+        self.level = level
         self.last: dict[str, float] = {}
         self.suppressed: dict[str, int] = {}
 
@@ -80,10 +81,12 @@ class _RefusalLog:
             return
         self.last[reason] = now
         more = self.suppressed.pop(reason, 0)
-        log.warning("%s%s", line, f" (and {more} more since the last such line)" if more else "")
+        log.log(self.level, "%s%s", line, f" (and {more} more since the last such line)" if more else "")
 
 
 refusal_log = _RefusalLog(REFUSAL_LOG_INTERVAL_S)
+# Clients that leave during their upload: not a refusal, but as cheap for a client to repeat.
+departure_log = _RefusalLog(REFUSAL_LOG_INTERVAL_S, logging.INFO)
 
 
 def limits_of(app: object) -> HttpLimits | None:
