@@ -16,8 +16,10 @@ from peerinfer.client.routing import (
     conversation_key,
     estimate_ttft_s,
     failure_action,
+    probes_to_launch,
     remaining_tokens,
     resume_messages,
+    wave_interval_s,
 )
 from peerinfer.network.identity import PeerId, PeerIdentity
 from tests.test_network_records import make_record
@@ -166,3 +168,38 @@ def test_conversation_key_is_the_same_for_the_same_turns_only() -> None:
     # The answer a client remembers a peer by is the history the next turn sends.
     answered = resume_messages(history[:1], "Namaste! How can I help?", False)
     assert conversation_key(answered) == conversation_key(history)
+
+
+def test_claims_do_not_put_a_crowd_of_liars_first_and_proven_peers_lead() -> None:
+    honest = make_record(PeerIdentity.generate(), slots_total=4, slots_free=1)
+    liars = [make_record(PeerIdentity.generate(), slots_total=4096, slots_free=4096) for _ in range(60)]
+    firsts = Counter(
+        candidates_to_probe([*liars, honest], set(), 3, random.Random(seed))[0].peer_id == honest.peer_id
+        for seed in range(610)
+    )
+    assert 0 < firsts[True] < 30  # about 1 in 61: shuffled in with the liars, not behind all of them
+    for seed in range(20):
+        assert candidates_to_probe([*liars, honest], set(), 3, random.Random(seed), {honest.peer_id})[0] == honest
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "queued", "wave", "due", "expected"),
+    [
+        (0, 61, 3, False, 3),  # the first wave
+        (3, 58, 6, False, 0),  # probes in flight and the interval has not passed: wait
+        (3, 58, 6, True, 6),  # it passed without a usable peer: the next, twice as large
+        (0, 58, 6, False, 6),  # every probe in flight ended (failed): at once
+        (60, 30, 48, True, 4),  # at most 64 in flight
+        (2, 0, 12, True, 0),  # nobody left to probe
+    ],
+)
+def test_probe_waves(in_flight: int, queued: int, wave: int, due: bool, expected: int) -> None:
+    assert probes_to_launch(in_flight, queued, wave, 64, due) == expected
+
+
+def test_sixty_silent_peers_are_all_in_flight_within_five_waves() -> None:
+    in_flight, queued, wave, waves = 0, 61, 3, 0
+    while queued:
+        started = probes_to_launch(in_flight, queued, wave, 64, due=True)
+        in_flight, queued, wave, waves = in_flight + started, queued - started, wave * 2, waves + 1
+    assert waves == 5 and waves * wave_interval_s(2.0, 5.0) < 5.0 / 2  # within half the default choice deadline

@@ -185,16 +185,20 @@ class RoutedClient:
         The choice has one deadline, whatever the records say: probes start in waves (see
         ``probes_to_launch``) and the first usable answers are compared (power of two choices, or
         ``prefer`` when it has a free slot). If nothing passes, one fresh lookup is tried in the
-        time left. Raises ``NoPeersError``.
+        time left, at once, while the probes in flight go on. Raises ``NoPeersError``.
         """
         deadline = time.monotonic() + self.choose_timeout_s
-        for fresh in (False, True):
-            records = {record.peer_id: record for record in self.peers(fresh=fresh)}
-            chosen = self._choose(records, exclude, prefer, deadline)
-            if chosen is not None:
-                return records[chosen.peer_id], chosen
-            if time.monotonic() >= deadline:
-                break
+        records = {record.peer_id: record for record in self.peers()}
+
+        def more() -> list[PeerRecord]:
+            """Peers of a fresh lookup that the last one did not list."""
+            new = [record for record in self.peers(fresh=True) if record.peer_id not in records]
+            records.update((record.peer_id, record) for record in new)
+            return new
+
+        chosen = self._choose(records, exclude, prefer, deadline, more)
+        if chosen is not None:
+            return records[chosen.peer_id], chosen
         model = self.model_sha256 or self.model_name or "the most served model"
         raise NoPeersError(
             f"no usable peer for {model} within {self.choose_timeout_s:g} s: none found on the DHT, "
@@ -202,7 +206,12 @@ class RoutedClient:
         )
 
     def _choose(
-        self, records: dict[PeerId, PeerRecord], exclude: set[str], prefer: str | None, deadline: float
+        self,
+        records: dict[PeerId, PeerRecord],
+        exclude: set[str],
+        prefer: str | None,
+        deadline: float,
+        more: Callable[[], list[PeerRecord]],
     ) -> Probe | None:
         with self._lock:
             skip = exclude | self.bans.banned(time.monotonic())
@@ -215,10 +224,15 @@ class RoutedClient:
         pending: dict[Future[Probe], PeerRecord] = {}
         passed: list[Probe] = []
         wave, launched_at, first_pass_at = self.probe_count + (wanted is not None), -math.inf, math.inf
-        started = time.monotonic()
         interval = wave_interval_s(self.probe_timeout_s, self.choose_timeout_s)
+        looked_again = False
         while True:
             now = time.monotonic()
+            stuck = not pending or now - launched_at >= interval  # all failed, or none passed for a wave interval
+            if not passed and not queue and stuck and not looked_again and now < deadline:
+                looked_again = True  # every candidate is in flight or failed: look for others meanwhile
+                queue = candidates_to_probe(more(), skip, len(records), self.rng, proven)
+                now = time.monotonic()
             if not passed:
                 count = probes_to_launch(
                     len(pending), len(queue), wave, self.max_parallel_probes, now - launched_at >= interval
@@ -228,18 +242,18 @@ class RoutedClient:
                         pending[self._pool.submit(self.vet, record, min(deadline, now + self.probe_timeout_s))] = record
                     del queue[:count]
                     wave, launched_at = wave * 2, now
+            # Once one passed, the others get as long again as its round trip (at least probe_grace_s).
+            grace_until = first_pass_at + max(self.probe_grace_s, passed[0].rtt_s if passed else 0.0)
             if passed and (
                 not pending
-                or now
-                >= first_pass_at
-                + max(self.probe_grace_s, first_pass_at - started)  # waited as long again for the others
+                or now >= grace_until
                 or any(probe.peer_id == prefer and probe.slots_free > 0 for probe in passed)
             ):
                 break
             if (not pending and not queue) or now >= deadline:
                 break
             next_wave = launched_at + interval if queue and not passed else math.inf
-            wake = min(deadline, first_pass_at + max(self.probe_grace_s, first_pass_at - started), next_wave)
+            wake = min(deadline, grace_until, next_wave)
             done, _ = wait(list(pending), timeout=max(0.0, wake - now), return_when=FIRST_COMPLETED)
             for future in done:
                 pending.pop(future)

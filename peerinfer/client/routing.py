@@ -63,13 +63,14 @@ def candidates_to_probe(
 
 
 def wave_interval_s(probe_timeout_s: float, choose_timeout_s: float) -> float:
-    """Time between waves of probes: a quarter of a probe's time-out, and at most a tenth of the choice's.
+    """Time between waves of probes: an eighth of a probe's time-out, and at most a tenth of the choice's.
 
-    With the defaults (2 s, 5 s) waves start at 0, 0.5, 1, 1.5 and 2 s: 3 + 6 + 12 + 24 + 48 = 93
-    candidates are in flight by 2 s, so a crowd of silent endpoints delays the choice by seconds,
-    not by its number of members times the probe time-out.
+    With the defaults (2 s, 5 s) waves start at 0, 0.25, 0.5, 0.75 and 1 s: 3 + 6 + 12 + 24 + 48 =
+    93 candidates are in flight by 1 s, so a crowd of silent endpoints delays the choice by about a
+    second, not by its number of members times the probe time-out. A peer's answer usually takes
+    milliseconds, so a wave is rarely started while the last one could still pass.
     """
-    return max(0.05, min(probe_timeout_s / 4, choose_timeout_s / 10))
+    return max(0.05, min(probe_timeout_s / 8, choose_timeout_s / 10))
 
 
 def probes_to_launch(in_flight: int, queued: int, wave: int, max_parallel: int, due: bool) -> int:

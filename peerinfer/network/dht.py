@@ -69,11 +69,13 @@ class DhtNode:
             opendht.ValueType(VALUE_TYPE_ID, "peerinfer-record", timedelta(seconds=value_lifetime_s))
         )
         self._closed = False
+        # Read once: getBound() waits for the node's thread, which can be busy for seconds sending puts.
+        self._port = int(self._runner.getBound().getPort())
         self.bootstrap(bootstrap)
 
     @property
     def port(self) -> int:
-        return int(self._runner.getBound().getPort())
+        return self._port
 
     def bootstrap(self, nodes: Sequence[tuple[str, int]]) -> None:
         for host, port in nodes:
