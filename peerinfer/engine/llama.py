@@ -190,8 +190,10 @@ class LlamaBackend:
         if params.top_p < 1.0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
-        seed = params.seed if params.seed is not None else secrets.randbits(32)
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        # llama.cpp takes 32 bits and reads 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "pick a random seed": a
+        # request's seed (-1, 2**32 - 1, any size) maps into 0 .. 0xFFFFFFFE, so that it always repeats.
+        seed = params.seed % 0xFFFFFFFF if params.seed is not None else secrets.randbelow(0xFFFFFFFF)
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
         self._samplers[slot] = chain
         return keep
 
