@@ -7,17 +7,20 @@ refused anyway. These tests count what the engine is asked to tokenise; none of 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 from fastapi.testclient import TestClient
 
 from peerinfer.engine.fake import FakeEngine
 from peerinfer.engine.prompt import PromptPart
 from peerinfer.server.app import create_app
 from peerinfer.server.service import PROBE_FIRST_CHARS
-from tests.conftest import worker_settings
+from tests.conftest import live_worker, worker_settings
 
 
 class CountingEngine(FakeEngine):
@@ -75,3 +78,39 @@ def test_a_long_prompt_that_fits_is_read_whole_and_served() -> None:
     assert response.status_code == 200
     assert response.json()["usage"]["prompt_tokens"] == 30_000
     assert engine.tokenized[-1] == 30_000
+
+
+class SlowTokenizer(FakeEngine):
+    """The fake engine, counting how many long prompts it tokenises at once."""
+
+    def __init__(self) -> None:
+        super().__init__(n_ctx=40_000)
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+
+    def tokenize(self, prompt: str | Sequence[PromptPart], *, add_bos: bool) -> list[int]:
+        long = (len(prompt) if isinstance(prompt, str) else sum(len(part.text) for part in prompt)) > 10_000
+        if not long:
+            return super().tokenize(prompt, add_bos=add_bos)
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.2)  # a slow tokenizer, so that overlapping calls would overlap
+        with self.lock:
+            self.running -= 1
+        return super().tokenize(prompt, add_bos=add_bos)
+
+
+def test_long_prompts_are_tokenised_one_at_a_time() -> None:
+    engine = SlowTokenizer()
+    with live_worker(engine, worker_settings(n_ctx=40_000, max_body_bytes=1_048_576, slots=2)) as url:
+
+        def send(index: int) -> int:
+            body = {"prompt": f"{index} " + "c" * 20_000, "max_tokens": 1}
+            return requests.post(url + "/v1/completions", json=body, timeout=60).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(send, range(4)))
+    assert statuses == [200] * 4
+    assert engine.most == 1

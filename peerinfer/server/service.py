@@ -63,11 +63,18 @@ class CompletionService:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self._tokenize_limiter: anyio.CapacityLimiter | None = None  # made on the loop, at first use
 
     async def _tokenize_once(self, prompt: str | Sequence[PromptPart], add_bos: bool) -> list[int]:
         if _chars(prompt) <= INLINE_TOKENIZE_CHARS:
             return self.engine.tokenize(prompt, add_bos=add_bos)
-        return await anyio.to_thread.run_sync(lambda: self.engine.tokenize(prompt, add_bos=add_bos))
+        # One long prompt at a time: 60 KB of spaces fits the context and still takes ~10 s to tokenise,
+        # so concurrent ones would take every core from the decoding thread.
+        if self._tokenize_limiter is None:
+            self._tokenize_limiter = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(
+            lambda: self.engine.tokenize(prompt, add_bos=add_bos), limiter=self._tokenize_limiter
+        )
 
     async def _tokenize(self, prompt: str | Sequence[PromptPart], add_bos: bool, param: str) -> list[int]:
         n_ctx = self.engine.info.n_ctx
