@@ -14,6 +14,10 @@ Everything runs on 127.0.0.1: one bootstrap DHT node and real-model workers, eac
   (during prefill of a long prompt) or after 20 streamed tokens; the time from the kill to the next
   token, which comes from the other worker. Every long prompt is new to the workers, so none of it
   is reused from a slot's cache.
+- under attack (``--flood N,M``, default 60,2000; ``--only-flood`` runs just this row, with one
+  worker): N self-signed records claiming 4096 free slots at an endpoint that accepts connections
+  and never answers, and M garbage values, all under the model key; TTFT of a cold routed client
+  (DHT join, a lookup that reads the flood, the choice among N + 1 peers, the request).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ sys.path.insert(0, str(REPO))
 from peerinfer.client.routed import RoutedClient  # noqa: E402
 from peerinfer.client.sdk import PeerInferClient  # noqa: E402
 from peerinfer.network.dht import DhtNode  # noqa: E402
+from peerinfer.network.identity import PeerIdentity, b64  # noqa: E402
+from peerinfer.network.records import PeerRecord, model_key, sign_record  # noqa: E402
 
 NET = 0x42454E43  # "BENC"
 QUESTION = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -119,19 +125,90 @@ def recovery(client: RoutedClient, workers: dict[str, Worker], messages: list[di
     raise SystemExit("the answer ended before the kill took effect")
 
 
+def black_hole() -> socket.socket:
+    """A port that accepts every connection, holds it open, and never reads or answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(sock.accept()[0])
+            except OSError:  # closed at the end of the row
+                for conn in held:
+                    conn.close()
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return sock
+
+
+def flood(boot: DhtNode, sha256: str, holes: int, garbage: int, hole_url: str) -> None:
+    """``holes`` self-signed records at ``hole_url`` claiming 4096 free slots, and ``garbage`` random values."""
+    now = time.time()
+    for _ in range(holes):
+        liar = PeerIdentity.generate()
+        record = PeerRecord(
+            peer_id=liar.peer_id,
+            public_key=b64(liar.public_key),
+            endpoints=(hole_url,),
+            model="liar",
+            sha256=sha256,
+            n_ctx=2048,
+            slots_total=4096,
+            slots_free=4096,
+            queue=0,
+            tokens_per_s=9999.0,
+            issued_at=now,
+            expires_at=now + 600,
+            instance=os.urandom(8).hex(),
+        )
+        boot.put(model_key(sha256), sign_record(record, liar))
+    for _ in range(garbage):
+        boot.put(model_key(sha256), os.urandom(500))
+
+
+LISTED: list[int] = []  # peers each attacked client's lookup listed (the flood is read in part)
+
+
+def attacked_ttft(bootstrap: str, reps: int) -> tuple[list[float], list[float]]:
+    """TTFT and the choice alone of cold clients while the flood is there."""
+    ttfts, picks = [], []
+    for _ in range(reps):
+        started = time.perf_counter()
+        with RoutedClient(bootstrap, network_id=NET) as client:
+            LISTED.append(len(client.peers()))
+            looked_up = time.perf_counter()
+            client.pick(set())
+            picks.append(time.perf_counter() - looked_up)
+            for _ in client.chat_stream(QUESTION, max_tokens=8, temperature=0):
+                ttfts.append(time.perf_counter() - started)
+                break
+    return ttfts, picks
+
+
 def summary(values: list[float]) -> str:
     ms = [value * 1000 for value in values]
     return f"{statistics.median(ms):.0f} | {min(ms):.0f} | {max(ms):.0f}"
 
 
+class _Done(Exception):
+    """``--only-flood``: the attack row is measured, skip the others."""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--flood", default="60,2000", help="N black-hole records, M garbage values")
+    parser.add_argument("--only-flood", action="store_true", help="one worker and the attack row only")
     args = parser.parse_args()
+    holes, garbage = (int(part) for part in args.flood.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="peerinfer-bench-"))
     boot = DhtNode(host="127.0.0.1", port=0, network_id=NET)
     bootstrap = f"127.0.0.1:{boot.port}"
-    names = ("discovery", "direct", "warm", "cold", "pick", "join", "long", "before", "after")
+    names = ("discovery", "direct", "warm", "cold", "pick", "join", "long", "before", "after", "attack", "choice")
     rows: dict[str, list[float]] = {name: [] for name in names}
     workers: dict[str, Worker] = {}
     homes = iter(range(1000))
@@ -144,6 +221,15 @@ def main() -> int:
 
     try:
         with RoutedClient(bootstrap, network_id=NET, lookup_ttl_s=0, probe_count=2) as watcher:
+            if args.only_flood:
+                only = spawn(watcher)
+                hole = black_hole()
+                sha256 = requests.get(only.url + "/health", timeout=5).json()["sha256"]
+                flood(boot, sha256, holes, garbage, f"http://127.0.0.1:{hole.getsockname()[1]}")
+                time.sleep(2)  # let the puts land
+                rows["attack"], rows["choice"] = attacked_ttft(bootstrap, args.reps)
+                hole.close()
+                raise _Done
             first, second = spawn(watcher), spawn(watcher)
             direct = PeerInferClient(first.url)
             direct.chat(QUESTION, max_tokens=1)
@@ -176,7 +262,15 @@ def main() -> int:
                         if worker.proc.poll() is not None:
                             del workers[url]
                             spawn(watcher)
+            hole = black_hole()
+            sha256 = requests.get(first.url + "/health", timeout=5).json()["sha256"]
+            flood(boot, sha256, holes, garbage, f"http://127.0.0.1:{hole.getsockname()[1]}")
+            time.sleep(2)
+            rows["attack"], rows["choice"] = attacked_ttft(bootstrap, args.reps)
+            hole.close()
             del first, second
+    except _Done:
+        pass
     finally:
         for worker in workers.values():
             if worker.proc.poll() is None:
@@ -194,12 +288,16 @@ def main() -> int:
         "long": "TTFT, direct, a 420-token prompt like those used below (reference: its prefill)",
         "before": "recovery, worker killed before first token (kill → first token elsewhere)",
         "after": "recovery, worker killed after 20 tokens (kill → next token elsewhere)",
+        "attack": f"TTFT, routed, cold client, with {holes} black-hole records and {garbage} garbage values",
+        "choice": f"choosing a peer alone (after the lookup), with {holes} black holes claiming 4096 free slots",
     }
     print(f"| measurement (n={args.reps}; discovery n={len(rows['discovery'])}) | median ms | min ms | max ms |")
     print("|---|---|---|---|")
     for key, label in labels.items():
-        print(f"| {label} | {summary(rows[key])} |")
-    _ = requests  # the SDK's transport; imported so a missing install fails before any worker starts
+        if rows[key]:
+            print(f"| {label} | {summary(rows[key])} |")
+    if LISTED:
+        print(f"\nUnder attack, each cold client's lookup listed {LISTED} peers (of {holes} + the real ones).")
     return 0
 
 
