@@ -23,7 +23,7 @@ from peerinfer.client.routing import Probe
 from peerinfer.engine.fake import FakeEngine
 from peerinfer.network.dht import DhtNode
 from peerinfer.network.identity import PeerIdentity, b64
-from peerinfer.network.records import model_key, sign_record
+from peerinfer.network.records import DIRECTORY_KEY, model_key, sign_record
 from tests.network_support import (
     STORY,
     ThreadWorker,
@@ -290,3 +290,20 @@ def test_a_get_reads_a_bounded_number_of_bounded_values(net: Net) -> None:
         assert len(capped) == 10 and capped.skipped >= 1
     finally:
         node.close()
+
+
+def test_peers_and_the_client_cli_read_past_values_that_crashed_them(net: Net, tmp_path: Path) -> None:
+    net.add_worker(tmp_path / "w")
+    huge = json.loads(sign_record(make_record(PeerIdentity.generate(), sha256=FAKE_SHA), PeerIdentity.generate()))
+    huge["record"]["tokens_per_s"] = 10**400
+    for garbage in (b"[" * 2000, json.dumps(huge).encode()):
+        net.boot.put(model_key(FAKE_SHA), garbage)
+        net.boot.put(DIRECTORY_KEY, garbage)
+    wait_until(lambda: b"[" * 2000 in net.boot.get(DIRECTORY_KEY, 2.0), 10, "the garbage was not stored")
+    bootstrap = ["--bootstrap", f"127.0.0.1:{net.boot.port}", "--network-id", str(net.net)]
+    out, err = io.StringIO(), io.StringIO()
+    assert peerinfer_main(["peers", *bootstrap, "--json"], out, err) == 0, err.getvalue()
+    assert len(json.loads(out.getvalue())) == 1 and "malformed" in err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    assert client_main(["hello", *bootstrap, "--max-tokens", "400"], out, err) == 0, err.getvalue()
+    assert out.getvalue() == STORY + "\n"
