@@ -155,16 +155,19 @@ class RoutedClient:
         try:
             probe = vet_peer(record, deadline=deadline, challenge=not self.proven(record))
         except Exception as exc:  # PeerRejected, or a bug: either way this peer is not used now
+            # Info, not warning: under a flood of fake records this is one line per fake.
             reason = exc.reason if isinstance(exc, PeerRejected) else "error"
             with self._lock:
                 ban_s = self.bans.fail(record.peer_id, time.monotonic())
                 self.failures[reason] += 1
-            log.warning(
+            log.log(
+                logging.INFO if reason != "error" else logging.WARNING,
                 "peer %s at %s failed its probe (%s); banned for %.0f s",
                 record.peer_id,
                 record.endpoints[0],
                 exc,
                 ban_s,
+                exc_info=reason == "error",  # not a peer's lie but a bug of ours: show where
             )
             raise
         with self._lock:
