@@ -40,6 +40,9 @@ def build_parser(settings: ClientSettings) -> argparse.ArgumentParser:
     network.add_argument("--network-id", type=int, default=settings.network_id, help="private DHT network id")
     network.add_argument("--max-attempts", type=int, default=3, help="peers to try per answer (default: 3)")
     network.add_argument("--discovery-timeout", type=float, default=5.0, help="seconds to look for peers")
+    network.add_argument(
+        "--choose-timeout", type=float, default=5.0, help="most seconds to choose a peer once found (default: 5)"
+    )
     return parser
 
 
@@ -61,6 +64,7 @@ def _routed(args: argparse.Namespace, settings: ClientSettings, err: TextIO) -> 
         dht_host=settings.dht_host,
         max_attempts=args.max_attempts,
         discovery_timeout_s=args.discovery_timeout,
+        choose_timeout_s=args.choose_timeout,
         on_switch=note,
     )
 
