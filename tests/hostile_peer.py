@@ -11,7 +11,8 @@ then sends is the lie its ``mode`` names:
 - ``other_key``: the challenge is signed, but by another key than the record's.
 - ``sse_garbage``, ``sse_cut``, ``sse_error``, ``sse_keepalive``, ``sse_endless_line``: vetting passes
   (health and challenge are honest), then the chat stream is JSON nested too deep; three tokens and
-  a closed connection; three tokens and an error event; keep-alives for ever; one line for ever.
+  a closed connection; three tokens and an error event; keep-alives for ever; one line for ever;
+  text for ever, past any ``max_tokens``.
 
 The three tokens of the SSE lies are the start of ``STORY``, so a client that resumes on an honest
 worker must produce exactly ``STORY``.
@@ -42,6 +43,7 @@ MODES = (
     "sse_error",
     "sse_keepalive",
     "sse_endless_line",
+    "sse_endless_text",
 )
 FIRST_WORDS = ["Once", " upon", " a"]
 assert STORY.startswith("".join(FIRST_WORDS))
@@ -206,6 +208,13 @@ class HostilePeer:
                 writer.write(b": keep-alive\n\n")
                 await writer.drain()
                 await asyncio.sleep(0.02)
+        elif self.mode == "sse_endless_text":
+            for word in FIRST_WORDS:
+                writer.write(_chunk(word))
+            while True:
+                writer.write(_chunk(" more"))
+                await writer.drain()
+                await asyncio.sleep(0)
         elif self.mode == "sse_endless_line":
             writer.write(b"data: ")
             while True:

@@ -154,17 +154,27 @@ def test_a_peer_whose_stream_lies_is_left_for_the_honest_worker(honest: Honest, 
             assert "POST /v1/chat/completions" in hostile.requests
 
 
+def test_a_peer_that_streams_past_max_tokens_is_cut_at_the_limit_and_banned(honest: Honest) -> None:
+    with HostilePeer("sse_endless_text", FAKE_SHA) as hostile:
+        values = [hostile.record(), *honest.values()]
+        with make_client(values, chooser=prefer(hostile.url)) as client:
+            stream = client.chat_stream(HELLO, max_tokens=50)
+            deltas = list(stream)
+            assert len(deltas) == 50  # an honest worker sends at most one delta per token
+            assert "".join(deltas) == "".join(FIRST_WORDS) + " more" * 47
+            assert stream.stats is not None and stream.stats.finish_reason == "length"
+            assert banned(client, hostile.identity.peer_id)
+            assert stream.switches == []
+
+
 def test_a_crowd_of_black_holes_claiming_free_slots_cannot_stretch_the_choice(honest: Honest) -> None:
     # 60 self-signed records at an endpoint that accepts connections and never answers, each
     # claiming 4096 free slots: before, they always came first, three per 2 s probe round (26 s).
     with HostilePeer("silent", FAKE_SHA) as hole:
         liars = [hole.record(PeerIdentity.generate(), slots_total=4096, slots_free=4096) for _ in range(60)]
         with make_client([*liars, *honest.values()], probe_timeout_s=2.0, choose_timeout_s=2.0) as client:
-            started = time.monotonic()
             _, probe = client.pick(set())
-            took = time.monotonic() - started
-            assert probe.url == honest.worker.url
-            assert took < 20  # a bound that cannot flake: 10 times the choice's deadline
+            assert probe.url == honest.worker.url  # within its deadline: pick raises NoPeersError past it
             # The honest peer has proven its key: the next choice probes it in its first wave (of 5),
             # so at most 4 liars more are asked, however many there are.
             asked = len(hole.requests)
@@ -197,10 +207,8 @@ def test_the_deadline_ends_a_choice_among_probes_that_block_for_ever(monkeypatch
         )
     client = make_client(values, choose_timeout_s=0.5, probe_timeout_s=60.0, max_parallel_probes=40)
     try:
-        started = time.monotonic()
         with pytest.raises(NoPeersError, match=r"within 0\.5 s"):
-            client.pick(set())
-        assert time.monotonic() - started < 5  # 10 times the deadline: it is the deadline that ended it
+            client.pick(set())  # every probe blocks for ever: only the deadline can end the choice
         # Waves of 5, 10, 20, then what the cap of 40 in flight leaves: never more than 40 at once.
         assert len(calls) == 40
     finally:

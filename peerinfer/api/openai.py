@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from peerinfer.errors import RequestError
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+
 M = TypeVar("M", bound=BaseModel)
 Role = Literal["system", "developer", "user", "assistant"]
 MAX_STOPS = 4

@@ -400,7 +400,12 @@ class RoutedStream:
                 reason = exc.message
                 continue
             with client._lock:
-                client.bans.succeed(record.peer_id)
+                if stream.overran:
+                    # More text than was asked for: the answer ends at the limit, the peer is not trusted again soon.
+                    client.bans.fail(record.peer_id, time.monotonic())
+                    log.warning("peer %s sent more text than max_tokens; the answer ends at the limit", probe.url)
+                else:
+                    client.bans.succeed(record.peer_id)
             self.stats = _combined_stats(stream.stats, started, first, deltas, earlier)
             if self._answered is not None:
                 self._answered(record.peer_id, partial)

@@ -20,6 +20,7 @@ from typing import Any
 import requests
 import urllib3
 
+from peerinfer.api.openai import COMPLETIONS_DEFAULT_MAX_TOKENS
 from peerinfer.client.peer_http import PeerRejected
 from peerinfer.client.sse_parser import SSEError, SSEParser
 from peerinfer.client.stream_events import read_chunk
@@ -77,6 +78,15 @@ def _error_message(response: requests.Response) -> str:
         return bytes(body[:200]).decode("utf-8", "replace").strip() or response.reason or "no reason given"
 
 
+MAX_ANSWER_TOKENS = 131072  # the largest context a worker can have (PEERINFER_N_CTX): no answer is longer
+MAX_CHARS_PER_TOKEN = 256  # far above any vocabulary's longest piece
+
+
+def _token_limit(value: Any) -> int | None:
+    """The request's token limit, if it is one (the worker refuses any other value with a 400)."""
+    return value if type(value) is int and value > 0 else None
+
+
 class TextStream:
     """Iterate for text deltas; afterwards ``stats`` holds the timings and token counts.
 
@@ -84,14 +94,27 @@ class TextStream:
     error event, a line or event over the parser's limits, a stream that ends before ``[DONE]``,
     and a stream that keeps sending bytes (keep-alives, junk) but no text for ``idle_timeout_s``
     all end the iteration with a ``ClientError``, so a routed client fails over or resumes.
+
+    A worker sends at most one text delta per token, so a stream that sends more than
+    ``max_tokens`` deltas (or more than ``MAX_CHARS_PER_TOKEN`` characters per token) is lying: the
+    iteration ends at the limit, as an honest worker's would with ``finish_reason`` "length", and
+    ``overran`` says so (a routed client bans the peer).
     """
 
-    def __init__(self, response: requests.Response, started: float, idle_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        response: requests.Response,
+        started: float,
+        idle_timeout_s: float = 120.0,
+        max_tokens: int | None = None,
+    ) -> None:
         self._response = response
         self._started = started
         self._idle_timeout_s = idle_timeout_s
+        self._max_deltas = max_tokens if max_tokens is not None and max_tokens > 0 else MAX_ANSWER_TOKENS
         self.stats: StreamStats | None = None
         self.finish_reason: str | None = None
+        self.overran = False
 
     def __iter__(self) -> Iterator[str]:
         parser = SSEParser()
@@ -100,6 +123,7 @@ class TextStream:
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
         progress = time.monotonic()  # when text last arrived
+        chars = 0
         finished = False
         try:
             while not finished:
@@ -118,6 +142,11 @@ class TextStream:
                         completion_tokens = chunk.completion_tokens
                     self.finish_reason = chunk.finish_reason or self.finish_reason
                     if chunk.text:
+                        chars += len(chunk.text)
+                        if deltas >= self._max_deltas or chars > MAX_CHARS_PER_TOKEN * self._max_deltas:
+                            self.overran = finished = True
+                            self.finish_reason = "length"
+                            break
                         first = first if first is not None else time.perf_counter()
                         progress = time.monotonic()
                         deltas += 1
@@ -189,12 +218,14 @@ class PeerInferClient:
     def chat_stream(self, messages: list[Message], **params: Any) -> TextStream:
         body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}, **params}
         started = time.perf_counter()
-        return TextStream(self._post("/v1/chat/completions", body), started, self._timeout[1])
+        limit = params.get("max_completion_tokens", params.get("max_tokens"))
+        return TextStream(self._post("/v1/chat/completions", body), started, self._timeout[1], _token_limit(limit))
 
     def completion_stream(self, prompt: str, **params: Any) -> TextStream:
         body = {"prompt": prompt, "stream": True, "stream_options": {"include_usage": True}, **params}
         started = time.perf_counter()
-        return TextStream(self._post("/v1/completions", body), started, self._timeout[1])
+        limit = params.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
+        return TextStream(self._post("/v1/completions", body), started, self._timeout[1], _token_limit(limit))
 
     def chat(self, messages: list[Message], **params: Any) -> str:
         return "".join(self.chat_stream(messages, **params))

@@ -23,7 +23,6 @@ from peerinfer.errors import ContextLengthError, EngineError, PeerInferError, Re
 from peerinfer.server.metrics import WorkerMetrics
 from peerinfer.settings import WorkerSettings
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 # Tokenising a few KB takes well under a millisecond: cheaper on the loop than a hop to a thread.
 INLINE_TOKENIZE_CHARS = 8192
 # llama.cpp's tokenizer is quadratic in the user-defined tokens a text holds ("a\n\n" * 60000, 180 KB,
@@ -141,7 +140,7 @@ class CompletionService:
         else:
             prompt, add_bos = text, True  # text only: see the README on raw prompts
         tokens = await self._tokenize(prompt, add_bos, "prompt")
-        limit = _max_tokens(request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, self.settings.max_tokens_cap)
+        limit = _max_tokens(request.max_tokens, wire.COMPLETIONS_DEFAULT_MAX_TOKENS, self.settings.max_tokens_cap)
         params = self._sampling(request, limit, request.stops)
         return PreparedRequest("completion", tokens, params, request.include_usage, False)
 
