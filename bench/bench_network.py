@@ -263,7 +263,8 @@ def main() -> int:
                             del workers[url]
                             spawn(watcher)
             hole = black_hole()
-            sha256 = requests.get(first.url + "/health", timeout=5).json()["sha256"]
+            live = next(worker for worker in workers.values() if worker.proc.poll() is None)  # recovery killed some
+            sha256 = requests.get(live.url + "/health", timeout=5).json()["sha256"]
             flood(boot, sha256, holes, garbage, f"http://127.0.0.1:{hole.getsockname()[1]}")
             time.sleep(2)
             rows["attack"], rows["choice"] = attacked_ttft(bootstrap, args.reps)
