@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from peerinfer.engine.prompt import PromptPart
 
@@ -26,6 +26,32 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stops: tuple[str, ...] = ()
+    # (token id, bias added to its logit): OpenAI's logit_bias, -100 bans a token and 100 all but forces it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # OpenAI's semantics: each token's logit is lowered by presence_penalty once it was generated, and by
+    # frequency_penalty times the number of times it was generated (generated tokens only, not the prompt).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # GBNF text with a rule "root": only tokens that keep the output inside the grammar are sampled.
+    grammar: str | None = None
+    # None: no log-probabilities. k >= 0: each generated token's, and its k most likely alternatives'.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    piece: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's bytes and log-probability under the model's own distribution (its logits row
+    before any bias, penalty, temperature or grammar), with its ``top`` alternatives, most likely first."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -42,11 +68,16 @@ class ModelInfo:
     chat_template: str | None
     bos_token: str
     eos_token: str
+    n_vocab: int = 0
+    build: str = ""  # the engine's build (e.g. "llama.cpp 0.3.36"): with sha256, the system_fingerprint
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    # Log-probabilities of the tokens whose text this delta carries (a character held back over several
+    # tokens carries all of theirs); empty unless the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +116,9 @@ class Generation:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # n > 1: the other choices of one request follow the first. A follower is not admitted until the
+    # generation it follows has read the prompt; it then copies that slot's cache, so the prompt is read once.
+    follows: Generation | None = None
 
     def push(self, event: Event) -> None:
         """Thread-safe: deliver an event to the awaiting coroutine."""
@@ -139,6 +173,15 @@ class Engine(Protocol):
 
     def submit(self, generation: Generation) -> None:
         """Queue a generation; raises ``OverloadedError`` when the queue is full."""
+
+    def submit_all(self, generations: Sequence[Generation]) -> None:
+        """Queue several generations (the choices of one request) or none: ``OverloadedError`` if they do not all fit."""
+
+    def json_grammar(self, schema: Mapping[str, Any] | None) -> str:
+        """GBNF (rule ``root``) for JSON text: any object when ``schema`` is None, else one that matches it.
+
+        Raises ``RequestError`` naming the part of the schema it cannot express, or that is too big.
+        """
 
     def stats(self) -> EngineStats: ...
 

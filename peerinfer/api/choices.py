@@ -1,0 +1,66 @@
+"""What one answer is made of, whatever endpoint serves it: plain data, no I/O.
+
+The serving code turns engine events into these; each endpoint's wire format (chat completions,
+completions, the Responses API; streamed or whole) is a pure function of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from peerinfer.engine.base import TokenLogprob
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call of a function the request offered; ``arguments`` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """More of choice ``index``: text, the log-probabilities of its tokens, and finished tool calls."""
+
+    index: int
+    text: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceEnd:
+    """Choice ``index`` is complete."""
+
+    index: int
+    finish_reason: FinishReason
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class AnswerUsage:
+    """Token counts of the whole answer: the prompt once, however many choices read it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class AnswerFailed:
+    """The answer cannot go on (the engine failed); ``message`` says why."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """Nothing new for ``keepalive_s``: a streamed answer sends a comment so that proxies keep it open."""
+
+
+Outcome = ChoiceDelta | ChoiceEnd | AnswerUsage | AnswerFailed | KeepAlive
