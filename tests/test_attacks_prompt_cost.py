@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from peerinfer.engine.fake import FakeEngine
 from peerinfer.engine.prompt import PromptPart
 from peerinfer.server.app import create_app
-from peerinfer.server.service import PROBE_FIRST_CHARS
+from peerinfer.server.reading import PROBE_FIRST_CHARS
 from tests.conftest import live_worker, worker_settings
 
 

@@ -30,7 +30,8 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}]}
         (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}', "temperature", "less than or equal"),
         (b'{"messages": [{"role": "user", "content": "x"}], "temperature": -1}', "temperature", "greater than"),
         (b'{"messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p", "greater than"),
-        (b'{"messages": [{"role": "user", "content": "x"}], "n": 3}', "n", "less than or equal"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "n": 65}', "n", "less than or equal"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "n": 0}', "n", "greater than or equal"),
         (b'{"messages": [{"role": "user", "content": "x"}], "top_k": -1}', "top_k", "greater than or equal"),
         (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}', "stop", "at most 4"),
         (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream", "valid boolean"),
@@ -43,11 +44,12 @@ def test_bad_chat_requests_name_the_field_and_the_problem(body: bytes, param: st
     assert fragment in caught.value.message
 
 
-def test_good_request_ignores_unknown_fields_and_reads_content_parts() -> None:
+def test_good_request_reads_content_parts_and_the_sampling_fields() -> None:
     body = {
         "model": "anything",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
         "presence_penalty": 0.5,
+        "logit_bias": {"12": -100, "7": 2.5},
         "stop": "END",
         "stream_options": {"include_usage": True},
     }
@@ -55,6 +57,15 @@ def test_good_request_ignores_unknown_fields_and_reads_content_parts() -> None:
     assert parsed.messages[0].text == "ab"
     assert parsed.stops == ("END",)
     assert parsed.include_usage
+    assert parsed.presence_penalty == 0.5
+    assert parsed.biases == ((12, -100.0), (7, 2.5))
+
+
+def test_an_unknown_field_is_refused_by_name() -> None:
+    with pytest.raises(RequestError) as caught:
+        wire.parse_request(wire.ChatCompletionRequest, json.dumps({**GOOD, "temperatur": 0}).encode())
+    assert caught.value.param == "temperatur"
+    assert "not a field" in caught.value.message
 
 
 def test_max_completion_tokens_wins_over_max_tokens() -> None:

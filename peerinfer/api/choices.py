@@ -6,8 +6,9 @@ completions, the Responses API; streamed or whole) is a pure function of them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from peerinfer.engine.base import TokenLogprob
 
@@ -64,3 +65,21 @@ class KeepAlive:
 
 
 Outcome = ChoiceDelta | ChoiceEnd | AnswerUsage | AnswerFailed | KeepAlive
+
+
+class AnswerFormat(Protocol):
+    """One endpoint's wire format, as a pure function of the outcomes (``peerinfer.server.serving`` drives it).
+
+    Streamed: ``opening()`` goes out with the first outcome (so the headers leave with the first token),
+    then ``frames(outcome)`` for each one (a ``KeepAlive`` too), then ``closing()``. Whole:
+    ``whole(outcomes)`` gets every outcome of an answer that completed (no ``KeepAlive``, no
+    ``AnswerFailed``: the serving code answers a failure with a 500 itself).
+    """
+
+    def opening(self) -> list[bytes]: ...
+
+    def frames(self, outcome: Outcome) -> list[bytes]: ...
+
+    def closing(self) -> list[bytes]: ...
+
+    def whole(self, outcomes: Sequence[Outcome]) -> dict[str, Any]: ...

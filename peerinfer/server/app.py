@@ -19,20 +19,21 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peerinfer.api import openai as wire
-from peerinfer.api import sse
 from peerinfer.engine.base import Engine
-from peerinfer.errors import AuthError, ConfigError, OverloadedError, PeerInferError
+from peerinfer.errors import AuthError, ConfigError, NotFoundError, OverloadedError, PeerInferError
 from peerinfer.network.addresses import guess_announce_url
 from peerinfer.server import openapi, protocol
+from peerinfer.server.chat import ChatServing
+from peerinfer.server.completions import CompletionServing
 from peerinfer.server.errors import error_response, http_error_response
 from peerinfer.server.guards import HostGuard, HostPolicy, read_json_body
 from peerinfer.server.metrics import CONTENT_TYPE, UNMATCHED, WorkerMetrics
-from peerinfer.server.service import CompletionService, PreparedRequest, collect_json, stream_sse
+from peerinfer.server.serving import Serving
 from peerinfer.settings import WorkerSettings, load_worker_settings
 
 log = logging.getLogger("peerinfer.worker")
@@ -44,7 +45,9 @@ class WorkerState:
     settings: WorkerSettings
     engine: Engine
     owns_engine: bool
-    service: CompletionService
+    serving: Serving
+    chat: ChatServing
+    completions: CompletionServing
     metrics: WorkerMetrics
     ready: bool = False
     load_error: str | None = None
@@ -112,11 +115,14 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
 
         engine = LlamaEngine(settings)
     metrics = WorkerMetrics(engine.stats)
+    serving = Serving(engine, settings, metrics)
     state = WorkerState(
         settings=settings,
         engine=engine,
         owns_engine=owns_engine,
-        service=CompletionService(engine, settings, metrics),
+        serving=serving,
+        chat=ChatServing(serving),
+        completions=CompletionServing(serving),
         metrics=metrics,
     )
 
@@ -256,12 +262,9 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
             status_code=503 if failing else 200,
         )
 
-    @app.get("/v1/models", responses=openapi.MODELS_RESPONSES)
-    async def models(request: Request) -> JSONResponse:
-        _check_api_key(state, request)
-        _require_ready(state)
+    def model_object() -> dict[str, Any]:
         info = state.engine.info
-        model = {
+        return {
             "id": info.model_id,
             "object": "model",
             "created": state.loaded_at,
@@ -269,45 +272,55 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
             "sha256": info.sha256,
             "n_ctx": info.n_ctx,
         }
-        return JSONResponse({"object": "list", "data": [model]})
+
+    # Many tools' base_url settings leave out /v1: the same routes answer without it (not in the schema twice).
+    for prefix in ("/v1", ""):
+        documented = prefix == "/v1"
+
+        @app.get(prefix + "/models", responses=openapi.MODELS_RESPONSES, include_in_schema=documented)
+        async def models(request: Request) -> JSONResponse:
+            _check_api_key(state, request)
+            _require_ready(state)
+            return JSONResponse({"object": "list", "data": [model_object()]})
+
+        @app.get(prefix + "/models/{model_id:path}", responses=openapi.MODEL_RESPONSES, include_in_schema=documented)
+        async def model(request: Request, model_id: str) -> JSONResponse:
+            _check_api_key(state, request)
+            _require_ready(state)
+            if model_id != state.engine.info.model_id:
+                raise NotFoundError(
+                    f"the model {model_id[:200]!r} is not served here; this worker serves "
+                    f"{state.engine.info.model_id!r} (see GET /v1/models)",
+                    param="model",
+                )
+            return JSONResponse(model_object())
+
+        @app.post(
+            prefix + "/chat/completions",
+            openapi_extra=openapi.request_body(wire.ChatCompletionRequest),
+            responses=openapi.CHAT_RESPONSES,
+            include_in_schema=documented,
+        )
+        async def chat_completions(request: Request) -> Response:
+            _check_api_key(state, request)
+            body = await read_json_body(request, state.settings.max_body_bytes)
+            parsed = wire.parse_request(wire.ChatCompletionRequest, body)
+            _require_ready(state)
+            return await state.chat.serve(parsed, request.receive)
+
+        @app.post(
+            prefix + "/completions",
+            openapi_extra=openapi.request_body(wire.CompletionRequest),
+            responses=openapi.COMPLETION_RESPONSES,
+            include_in_schema=documented,
+        )
+        async def completions(request: Request) -> Response:
+            _check_api_key(state, request)
+            body = await read_json_body(request, state.settings.max_body_bytes)
+            parsed = wire.parse_request(wire.CompletionRequest, body)
+            _require_ready(state)
+            return await state.completions.serve(parsed, request.receive)
 
     @app.get("/metrics", response_class=Response, responses=openapi.METRICS_RESPONSES)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
-
-    async def run(request: Request, prepared: PreparedRequest, stream: bool) -> Response:
-        service = state.service
-        started = time.perf_counter()
-        generation = service.start(prepared)
-        model = state.engine.info.model_id
-        if stream:
-            first = await service.first_event(generation, request.receive)
-            body = stream_sse(service, prepared, generation, model, started, first)
-            return StreamingResponse(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-        return JSONResponse(await collect_json(service, prepared, generation, model, started, request.receive))
-
-    @app.post(
-        "/v1/chat/completions",
-        openapi_extra=openapi.request_body(wire.ChatCompletionRequest),
-        responses=openapi.CHAT_RESPONSES,
-    )
-    async def chat_completions(request: Request) -> Response:
-        _check_api_key(state, request)
-        parsed = wire.parse_request(
-            wire.ChatCompletionRequest, await read_json_body(request, state.settings.max_body_bytes)
-        )
-        _require_ready(state)
-        return await run(request, await state.service.prepare_chat(parsed), parsed.stream)
-
-    @app.post(
-        "/v1/completions",
-        openapi_extra=openapi.request_body(wire.CompletionRequest),
-        responses=openapi.COMPLETION_RESPONSES,
-    )
-    async def completions(request: Request) -> Response:
-        _check_api_key(state, request)
-        parsed = wire.parse_request(
-            wire.CompletionRequest, await read_json_body(request, state.settings.max_body_bytes)
-        )
-        _require_ready(state)
-        return await run(request, await state.service.prepare_completion(parsed), parsed.stream)

@@ -24,6 +24,7 @@ ERROR_MEANINGS = {
     401: "Missing or wrong API key.",
     408: "The request body did not arrive in time (PEERINFER_BODY_TIMEOUT_S).",
     413: "The request body is larger than PEERINFER_MAX_BODY_BYTES.",
+    404: "No such model here (another id than the loaded model's).",
     415: "The request body is not application/json.",
     503: "The model is loading or failed, the queue is full, or too many connections; see Retry-After.",
 }
@@ -56,6 +57,10 @@ COMPLETION_RESPONSES = completion_responses(wire.TextCompletion)
 MODELS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The loaded model.", "content": ANY_JSON},
     **errors(400, 401, 503),
+}
+MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The model, when it is the one loaded.", "content": ANY_JSON},
+    **errors(400, 401, 404, 503),
 }
 HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Ready: model, sha256, context, slots and queue.", "content": ANY_JSON},

@@ -1,0 +1,82 @@
+"""``/v1/chat/completions``: a chat request to a ``Job`` (template, tokens, constraints), served once.
+
+``ChatServing.job`` is also how the Responses API serves its requests: it writes the chat request
+its body means and encodes the same outcomes in its own format.
+"""
+
+from __future__ import annotations
+
+import anyio
+from fastapi.responses import Response
+from starlette.types import Receive
+
+from peerinfer.api import openai as wire
+from peerinfer.api.formats import ChatFormat
+from peerinfer.engine.prompt import ChatPrompt, ChatTurn, render_chat
+from peerinfer.errors import RequestError
+from peerinfer.server.serving import Job, Serving, max_tokens
+
+
+class ChatServing:
+    def __init__(self, core: Serving) -> None:
+        self.core = core
+
+    async def serve(self, request: wire.ChatCompletionRequest, receive: Receive) -> Response:
+        """The one serving path of a chat completion, streamed or whole."""
+        job = await self.job(request)
+        return await self.core.respond(job, receive, bool(request.stream), self.format(request))
+
+    def format(self, request: wire.ChatCompletionRequest) -> ChatFormat:
+        return ChatFormat(
+            model=self.core.model,
+            fingerprint=self.core.fingerprint,
+            choices=request.choices,
+            include_usage=request.include_usage,
+            logprobs=request.logprobs_top is not None,
+        )
+
+    async def grammar(self, response_format: wire.ResponseFormat | None) -> str | None:
+        """The GBNF a ``response_format`` asks for; a schema the converter cannot express is a 400."""
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object" or response_format.json_schema is None:
+            return self.core.engine.json_grammar(None)
+        schema = response_format.json_schema.schema_ or {}
+        try:
+            # A big schema takes a while to convert: not on the loop.
+            return await anyio.to_thread.run_sync(self.core.engine.json_grammar, schema)
+        except RequestError as exc:
+            raise RequestError(exc.message, param="response_format.json_schema.schema") from exc
+
+    async def job(self, request: wire.ChatCompletionRequest) -> Job:
+        """Checks, renders and tokenises ``request``; raises ``RequestError`` before anything is queued."""
+        core = self.core
+        info = core.engine.info
+        if request.uses_tools:
+            raise RequestError(
+                "tools are not supported by this model's chat template (it has no way to show the model the tools "
+                "or to read its calls); leave 'tools' out, or use a model whose template renders tools",
+                param="tools",
+            )
+        cap = core.settings.max_tokens_cap
+        param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        limit = max_tokens(request.token_limit, cap, cap, param)
+        grammar = await self.grammar(request.response_format)
+        turns = [ChatTurn(message.role, message.text) for message in request.messages]
+
+        def render() -> ChatPrompt:
+            return render_chat(
+                turns,
+                info.chat_template,
+                bos_token=info.bos_token,
+                eos_token=info.eos_token,
+                continue_final=request.continue_final_message,
+            )
+
+        prompt = await core.reader.render(turns, render)
+        # Control tokens come from the template's markup only, never from a message's text.
+        tokens = await core.reader.tokenize(prompt.parts, prompt.add_bos, "messages")
+        choices = core.sampling(
+            request, limit=limit, stops=request.stops + prompt.stops, grammar=grammar, logprobs=request.logprobs_top
+        )
+        return Job(tokens, choices, strip_leading_space=not request.continue_final_message)
