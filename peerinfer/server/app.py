@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peerinfer.api import openai as wire
+from peerinfer.api.responses import ResponsesRequest, parse_responses_request
 from peerinfer.engine.base import Engine
 from peerinfer.errors import AuthError, ConfigError, NotFoundError, OverloadedError, PeerInferError
 from peerinfer.network.addresses import guess_announce_url
@@ -33,6 +34,7 @@ from peerinfer.server.completions import CompletionServing
 from peerinfer.server.errors import error_response, http_error_response
 from peerinfer.server.guards import HostGuard, HostPolicy, read_json_body
 from peerinfer.server.metrics import CONTENT_TYPE, UNMATCHED, WorkerMetrics
+from peerinfer.server.responses import ResponsesServing
 from peerinfer.server.serving import Serving
 from peerinfer.settings import WorkerSettings, load_worker_settings
 
@@ -172,7 +174,7 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
     app.add_middleware(RequestCounter, metrics=metrics)
     _add_error_handlers(app)
     _add_routes(app, state)
-    openapi.document_request_bodies(app, (wire.ChatCompletionRequest, wire.CompletionRequest))
+    openapi.document_request_bodies(app, (wire.ChatCompletionRequest, wire.CompletionRequest, ResponsesRequest))
     return app
 
 
@@ -320,6 +322,15 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
             parsed = wire.parse_request(wire.CompletionRequest, body)
             _require_ready(state)
             return await state.completions.serve(parsed, request.receive)
+
+        @app.post(
+            prefix + "/responses", openapi_extra=openapi.request_body(ResponsesRequest), include_in_schema=documented
+        )
+        async def responses(request: Request) -> Response:
+            _check_api_key(state, request)
+            parsed = parse_responses_request(await read_json_body(request, state.settings.max_body_bytes))
+            _require_ready(state)
+            return await ResponsesServing(state.chat).serve(parsed, request.receive)
 
     @app.get("/metrics", response_class=Response, responses=openapi.METRICS_RESPONSES)
     async def metrics() -> Response:
