@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from peerinfer.engine.base import EngineStats, Finished, Generation, ModelInfo, SamplingParams, TextDelta
 from peerinfer.engine.batching import fillers
-from peerinfer.engine.scheduler import BatchScheduler, SlotWork
+from peerinfer.engine.scheduler import BatchScheduler, Sampled, SlotWork
 from peerinfer.errors import EngineError
 from peerinfer.server.app import create_app
 from tests.conftest import worker_settings
@@ -43,7 +43,7 @@ class ContextBackend:
         del self.cells.setdefault(slot, [])[keep:]
         return keep
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
         pad = sum(1 for item in work if item.want_output) in self.pad_rows
         extra = fillers([item.slot for item in work], spare, pad)
         added = [SlotWork(slot, [PAD_TOKEN], spare[slot], False) for slot in extra.without_logits]
@@ -58,7 +58,7 @@ class ContextBackend:
             )
         for row in rows:
             self.cells.setdefault(row.slot, []).extend(row.tokens)
-        sampled = {item.slot: self.reply(self.cells[item.slot]) for item in work if item.want_output}
+        sampled = {item.slot: Sampled(self.reply(self.cells[item.slot])) for item in work if item.want_output}
         for row in added:
             del self.cells[row.slot][row.start :]
         return sampled
@@ -277,7 +277,7 @@ class BlockingBackend(ContextBackend):
         self.held = threading.Event()
         self.resume = threading.Event()
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
         if self.hold_after is not None and len(self.cells.get(0, [])) > self.hold_after:
             self.hold_after = None
             self.held.set()

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import pytest
 
 from peerinfer.engine.base import Generation, SamplingParams
-from peerinfer.engine.scheduler import BatchScheduler, SlotWork
+from peerinfer.engine.scheduler import BatchScheduler, Sampled, SlotWork
 from peerinfer.engine.throughput import FALLBACK_REQUEST_S, MAX_RETRY_AFTER_S, Throughput, retry_after_s
 from peerinfer.errors import OverloadedError
 
@@ -90,13 +90,13 @@ class ClockedBackend:
         self.replies[slot] = [ord("x")] * 3 + [0]
         return keep
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
         if self.hold.is_set():
             self.holding.set()
             self.resume.wait(timeout=60)
         self.calls += 1
         self.now += 0.1
-        return {item.slot: self.replies[item.slot].pop(0) for item in work if item.want_output}
+        return {item.slot: Sampled(self.replies[item.slot].pop(0)) for item in work if item.want_output}
 
     def piece(self, token: int) -> bytes:
         return bytes([token])

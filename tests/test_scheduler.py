@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import pytest
 
 from peerinfer.engine.base import Finished, Generation, SamplingParams, TextDelta, deliver
-from peerinfer.engine.scheduler import BatchScheduler, SlotWork
+from peerinfer.engine.scheduler import BatchScheduler, Sampled, SlotWork
 from peerinfer.errors import EngineError
 
 
@@ -26,9 +26,9 @@ class RecordingBackend:
         self.replies[slot] = [ord("a"), ord("b"), 0]
         return keep
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
         self.calls.append([(item.slot, item.start, len(item.tokens)) for item in work])
-        return {item.slot: self.replies[item.slot].pop(0) for item in work if item.want_output}
+        return {item.slot: Sampled(self.replies[item.slot].pop(0)) for item in work if item.want_output}
 
     def piece(self, token: int) -> bytes:
         return bytes([token])
@@ -119,7 +119,7 @@ class LengthBackend(RecordingBackend):
         self.replies[slot] = []
         return keep
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
         if self.released_0:
             self.released_0 = False
             self.resume.wait(timeout=60)
@@ -175,7 +175,7 @@ class ExplodingBackend(RecordingBackend):
         super().__init__()
         self.exploded = False
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
         if not self.exploded:
             self.exploded = True
             raise KeyError("a bug")
@@ -229,7 +229,7 @@ class ThreadRecordingBackend(RecordingBackend):
         super().__init__()
         self.threads: set[int] = set()
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
         self.threads.add(threading.get_ident())
         return super().decode(work, spare)
 
@@ -296,7 +296,7 @@ class KeepingBackend(RecordingBackend):
         self.kept.append(("begin", slot, keep))
         return super().begin(slot, params, keep)
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
         self.spares.append(dict(spare))
         return super().decode(work, spare)
 
@@ -368,7 +368,7 @@ def test_nothing_is_kept_when_prompt_reuse_is_off() -> None:
 class FailingStepBackend(KeepingBackend):
     """Fails every call that decodes generated tokens (after the prompt was read)."""
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
         if all(len(item.tokens) == 1 for item in work):
             raise EngineError("llama_decode failed")
         return super().decode(work, spare)

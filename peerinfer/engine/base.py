@@ -175,7 +175,7 @@ class Engine(Protocol):
         """Queue a generation; raises ``OverloadedError`` when the queue is full."""
 
     def submit_all(self, generations: Sequence[Generation]) -> None:
-        """Queue several generations (the choices of one request) or none: ``OverloadedError`` if they do not all fit."""
+        """Queue the choices of one request, all or none: ``OverloadedError`` if they do not all fit."""
 
     def json_grammar(self, schema: Mapping[str, Any] | None) -> str:
         """GBNF (rule ``root``) for JSON text: any object when ``schema`` is None, else one that matches it.

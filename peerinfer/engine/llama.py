@@ -3,30 +3,51 @@
 It uses llama-cpp-python's low-level bindings: one context with one KV sequence per slot, one
 ``llama_batch`` per step, and one sampler chain per slot that samples straight from llama.cpp's
 logits buffer (no copy of the 262k-entry logits row into Python).
+
+Sampling, per slot (``begin`` sets it up, ``release`` frees it):
+
+- greedy with nothing else is an argmax over the logits row; plain sampling is llama.cpp's chain
+  (top_k, top_p, temperature, dist) through ``llama_sampler_sample``;
+- ``logit_bias`` and the presence/frequency penalties go first in a chain (a greedy one ends in
+  ``llama_sampler_init_greedy``). llama.cpp's penalties sampler lowers a logit by
+  ``frequency * count + presence * (count > 0)`` over the tokens accepted into it, which are the
+  generated ones only: OpenAI's definition;
+- a grammar has a sampler of its own, outside the chain. As llama-server does, the chain samples
+  first and the grammar checks that one token; only if it refuses it does the grammar go over the
+  whole vocabulary (262k pieces, slow) before the chain samples again. A token goes into the chain
+  and the grammar only once the grammar allowed it, and an end-of-generation token never goes into
+  the grammar: llama.cpp aborts the process, or throws through ctypes, on either.
+- log-probabilities come from the raw logits row (before bias, penalties, temperature or grammar),
+  and only for the slots that ask.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import json
 import logging
 import math
 import os
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp as lc
+import llama_cpp.llama_grammar as lc_grammar
 import numpy as np
 
 from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingParams
 from peerinfer.engine.batching import fillers, outputs_in_batch_order, rows_to_pad
+from peerinfer.engine.json_schema import WHERE, check_grammar_size, check_schema, refuse
 from peerinfer.engine.model_files import ModelFile, open_model_file
 from peerinfer.engine.output_head import CAPTURE, OFF, SKIP, HeadUnavailable, OutputHead, open_head
 from peerinfer.engine.prompt import ControlToken, PromptPart, markup_of, split_at_controls
-from peerinfer.engine.scheduler import BatchScheduler, SlotWork
-from peerinfer.errors import EngineError
+from peerinfer.engine.scheduler import BatchScheduler, Sampled, SlotWork
+from peerinfer.errors import EngineError, RequestError
 from peerinfer.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -43,6 +64,46 @@ def _ggml_base_library() -> Path:
     # llama_cpp loads its libraries from one folder (LLAMA_CPP_LIB_PATH or its own lib/)
     folder = Path(getattr(lc.llama_cpp, "_base_path", Path(lc.__file__).parent / "lib"))
     return folder / "libggml-base.so"
+
+
+# llama_token_data as numpy sees it: a whole vocabulary of candidates for the grammar's slow path
+_CANDIDATE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert _CANDIDATE.itemsize == ctypes.sizeof(lc.llama_token_data)
+
+
+@dataclass
+class _SlotSampler:
+    """A slot's sampling state: ``chain`` None is a plain argmax; ``grammar`` None is unconstrained."""
+
+    chain: Any
+    grammar: Any
+    logprobs: int | None
+
+    def free(self) -> None:
+        for sampler in (self.chain, self.grammar):
+            if sampler is not None:
+                lc.llama_sampler_free(sampler)
+        self.chain = self.grammar = None
+
+
+def log_softmax_top(
+    row: np.ndarray[Any, np.dtype[np.float32]], token: int, k: int
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """``token``'s log-probability under the logits ``row``, and the ``k`` most likely tokens with theirs.
+
+    Most likely first; equal logits by token id, as an argmax (the lowest id) picks them, so that at
+    temperature 0 the chosen token is the first.
+    """
+    high = float(row.max())
+    total = math.log(float(np.exp(row - high).sum(dtype=np.float64))) + high
+    chosen = float(row[token]) - total
+    if k <= 0:
+        return chosen, ()
+    k = min(k, row.shape[0])
+    kth = np.partition(row, row.shape[0] - k)[row.shape[0] - k]
+    ids = np.flatnonzero(row >= kth)  # every tie of the k-th too, so that ids decide among them
+    ids = ids[np.lexsort((ids, -row[ids]))][:k]
+    return chosen, tuple((int(i), float(row[i]) - total) for i in ids)
 
 
 def _token_text(vocab: Any, token: int) -> str:
@@ -125,7 +186,10 @@ class LlamaBackend:
         self.memory = lc.llama_get_memory(ctx)
         self.n_ctx_per_slot = int(lc.llama_n_ctx_seq(ctx))
         self.batch = lc.llama_batch_init(max_rows, 0, 1)
-        self._samplers: dict[int, Any] = {}  # one entry per slot in use (None: greedy)
+        self._samplers: dict[int, _SlotSampler] = {}  # one entry per slot in use
+        self._candidates = np.zeros(self.n_vocab, dtype=_CANDIDATE)
+        self._token_ids = np.arange(self.n_vocab, dtype=np.int32)
+        self._one = (lc.llama_token_data * 1)()
         self._pad_rows: frozenset[int] = frozenset()
         self._head_on = False  # set by calibrate once the head's logits match llama.cpp's
         self._pieces: dict[int, bytes] = {}
@@ -179,10 +243,46 @@ class LlamaBackend:
 
     def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
         keep = self._cut(slot, keep)
-        if params.temperature <= 0:
-            self._samplers[slot] = None  # greedy: an argmax over llama.cpp's own logits row
-            return keep
+        old = self._samplers.pop(slot, None)
+        if old is not None:
+            old.free()
+        sampler = _SlotSampler(self._chain(params), None, params.logprobs)
+        if params.grammar is not None:
+            sampler.grammar = lc.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
+            if not sampler.grammar:
+                sampler.free()
+                raise EngineError("llama.cpp could not parse the grammar of this request's response_format")
+            if sampler.chain is None:
+                sampler.chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+                lc.llama_sampler_chain_add(sampler.chain, lc.llama_sampler_init_greedy())
+        self._samplers[slot] = sampler
+        return keep
+
+    def _chain(self, params: SamplingParams) -> Any:
+        """The slot's sampler chain; None for greedy with neither bias nor penalties (an argmax does it)."""
+        penalties = params.presence_penalty != 0 or params.frequency_penalty != 0
+        if params.temperature <= 0 and not params.logit_bias and not penalties:
+            return None
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if params.logit_bias:
+            biases = (lc.llama_logit_bias * len(params.logit_bias))(
+                *(lc.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
+            )
+            lc.llama_sampler_chain_add(
+                chain, lc.llama_sampler_init_logit_bias(self.n_vocab, len(params.logit_bias), biases)
+            )
+        if penalties:
+            # Its window holds the last n accepted tokens: the whole answer (it can never outgrow a slot).
+            window = max(1, min(params.max_tokens, self.n_ctx_per_slot))
+            lc.llama_sampler_chain_add(
+                chain,
+                lc.llama_sampler_init_penalties(
+                    self.n_vocab, window, 1.0, params.frequency_penalty, params.presence_penalty
+                ),
+            )
+        if params.temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+            return chain
         if params.top_k > 0:
             # Gemma's vocabulary has 262k entries: cutting to the top k first makes the softmax
             # behind top_p and dist ~9x cheaper (3.1 ms -> 0.34 ms per token with k = 40, here).
@@ -194,16 +294,64 @@ class LlamaBackend:
         # request's seed (-1, 2**32 - 1, any size) maps into 0 .. 0xFFFFFFFE, so that it always repeats.
         seed = params.seed % 0xFFFFFFFF if params.seed is not None else secrets.randbelow(0xFFFFFFFF)
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
-        self._samplers[slot] = chain
-        return keep
+        return chain
 
-    def _sample(self, slot: int, index: int) -> int:
-        chain = self._samplers[slot]
-        if chain is None:
-            return int(self.logits(index).argmax())
-        return int(lc.llama_sampler_sample(chain, self.ctx, index))
+    def _sample(self, slot: int, index: int) -> Sampled:
+        sampler = self._samplers[slot]
+        if sampler.grammar is not None:
+            token = self._sample_constrained(sampler, index)
+            if token is None:
+                return Sampled(-1, error="the response_format grammar allows no token here; the output stops")
+        elif sampler.chain is None:
+            token = int(self.logits(index).argmax())
+        else:
+            token = int(lc.llama_sampler_sample(sampler.chain, self.ctx, index))
+        if sampler.logprobs is None:
+            return Sampled(token)
+        logprob, top = log_softmax_top(self.logits(index), token, sampler.logprobs)
+        return Sampled(token, logprob, top)
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
+    def _sample_constrained(self, sampler: _SlotSampler, index: int) -> int | None:
+        """Sample with the chain, checked by the grammar; None if the grammar allows nothing the chain picks."""
+        token = self._apply_chain(sampler.chain, index, None)
+        if token is None or not self._allowed(sampler.grammar, token):
+            token = self._apply_chain(sampler.chain, index, sampler.grammar)
+            if token is None or not self._allowed(sampler.grammar, token):
+                return None
+        lc.llama_sampler_accept(sampler.chain, token)
+        if not self.is_end(token):  # the slot ends on it; llama.cpp's grammar would abort on an unfinished one
+            lc.llama_sampler_accept(sampler.grammar, token)
+        return token
+
+    def _apply_chain(self, chain: Any, index: int, grammar: Any) -> int | None:
+        """Apply (``grammar`` first, if given, then) ``chain`` to the whole logits row; the token it selects.
+
+        Nothing is accepted: the caller accepts the token once the grammar allowed it.
+        """
+        candidates = self._candidates
+        candidates["id"] = self._token_ids
+        candidates["logit"] = self.logits(index)
+        candidates["p"] = 0.0
+        array = lc.llama_token_data_array(candidates.ctypes.data_as(lc.llama_token_data_p), self.n_vocab, -1, False)
+        if grammar is not None:
+            lc.llama_sampler_apply(grammar, ctypes.byref(array))
+            if not np.isfinite(candidates["logit"]).any():
+                return None
+        lc.llama_sampler_apply(chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            return None
+        # a sampler may point the array at its own copy of the data: read through the array
+        return int(array.data[array.selected].id)
+
+    def _allowed(self, grammar: Any, token: int) -> bool:
+        """Whether ``grammar`` allows ``token`` next (an end token only once the grammar is complete)."""
+        one = self._one
+        one[0] = lc.llama_token_data(token, 0.0, 0.0)
+        array = lc.llama_token_data_array(one, 1, -1, False)
+        lc.llama_sampler_apply(grammar, ctypes.byref(array))
+        return math.isfinite(one[0].logit)
+
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
         """Adds throw-away rows in ``spare`` slots where they make the call cheaper, then removes their cells.
 
         A row without logits fills a gap between slots (one pass over the weights instead of two); a
@@ -349,10 +497,18 @@ class LlamaBackend:
 
     def release(self, slot: int, keep: int) -> int:
         keep = self._cut(slot, keep)
-        chain = self._samplers.pop(slot, None)
-        if chain is not None:
-            lc.llama_sampler_free(chain)
+        sampler = self._samplers.pop(slot, None)
+        if sampler is not None:
+            sampler.free()
         return keep
+
+    def check_grammar(self, grammar: str) -> bool:
+        """Whether llama.cpp parses ``grammar`` (rule ``root``); reads the vocabulary only."""
+        sampler = lc.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not sampler:
+            return False
+        lc.llama_sampler_free(sampler)
+        return True
 
     def copy(self, source: int, target: int) -> None:
         # Each slot has its own KV stream: llama.cpp copies the whole stream (its cells keep their
@@ -407,6 +563,8 @@ class LlamaEngine:
             chat_template=backend.chat_template,
             bos_token=backend.bos_token,
             eos_token=backend.eos_token,
+            n_vocab=backend.n_vocab,
+            build=f"llama.cpp via llama-cpp-python {lc.__version__}",
         )
         scheduler = BatchScheduler(
             backend=backend,
@@ -445,6 +603,21 @@ class LlamaEngine:
             raise EngineError("the model is not loaded yet")
         self._scheduler.submit(generation)
 
+    def submit_all(self, generations: Sequence[Generation]) -> None:
+        if self._scheduler is None:
+            raise EngineError("the model is not loaded yet")
+        self._scheduler.submit_all(generations)
+
+    def json_grammar(self, schema: Mapping[str, Any] | None) -> str:
+        """GBNF for ``schema`` (any JSON object when None), checked to parse; see ``json_grammar``.
+
+        CPU work of up to a few milliseconds for a big schema (its grammar is cached by schema text).
+        """
+        grammar = json_grammar(schema)
+        if self._backend is not None and not self._backend.check_grammar(grammar):
+            raise refuse(WHERE, "its grammar does not parse in llama.cpp; simplify the schema")
+        return grammar
+
     def stats(self) -> EngineStats:
         if self._scheduler is None:
             return EngineStats(slots_total=self._settings.slots, slots_busy=0, queued=0)
@@ -457,3 +630,53 @@ class LlamaEngine:
             self._backend.close()
         self._scheduler = None
         self._backend = None
+
+
+def json_grammar(schema: Mapping[str, Any] | None) -> str:
+    """GBNF (rule ``root``) for JSON: any object when ``schema`` is None, else one that matches ``schema``.
+
+    The schema is bounded first (``json_schema.check_schema``); llama-cpp-python's converter does the
+    rest. Raises ``RequestError`` (param ``response_format``) naming the part it cannot express, and
+    nothing else.
+    """
+    if schema is None:
+        return str(lc_grammar.JSON_GBNF)
+    check_schema(schema)
+    try:
+        text = json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise refuse(WHERE, f"is not plain JSON ({exc})") from exc
+    return _convert_schema(text)
+
+
+def _json_safe(grammar: str) -> str:
+    """The converter's characters of a string include control characters, which JSON forbids there
+    (``json.loads`` refuses a raw newline in a string): narrow them to what JSON allows."""
+    lines = []
+    for line in grammar.split("\n"):
+        if line.startswith(("char ::= ", "dot ::= ")):
+            name, rule = line.split(" ::= ", 1)
+            rule = rule.replace('[^"\\\\]', '[^"\\\\\\x7F\\x00-\\x1F]', 1)
+            rule = rule.replace("[^\\x0A\\x0D]", '[^"\\\\\\x7F\\x00-\\x1F]', 1)
+            line = f"{name} ::= {rule}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=64)
+def _convert_schema(text: str) -> str:
+    try:
+        # the converter writes resolved $refs back into the schema: it gets its own copy
+        converter = lc_grammar.SchemaConverter(  # type: ignore[no-untyped-call]
+            prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
+        )
+        schema = converter.resolve_refs(json.loads(text), "input")
+        converter.visit(schema, "")  # type: ignore[no-untyped-call]
+        grammar = _json_safe(str(converter.format_grammar()))  # type: ignore[no-untyped-call]
+    except RequestError:
+        raise
+    except Exception as exc:  # the converter's own checks are asserts, KeyErrors, ValueErrors, ...
+        detail = str(exc) or type(exc).__name__
+        raise refuse(WHERE, f"cannot be turned into a grammar: {detail[:300]}") from exc
+    check_grammar_size(grammar)
+    return grammar

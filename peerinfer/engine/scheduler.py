@@ -12,8 +12,14 @@ Each step it:
    for every generating slot (including one whose prompt that chunk finished) in one batch, so a
    long prompt never stalls the running streams for more than one chunk, and its chunks are the
    same whatever else runs;
-4. samples per slot and turns token bytes into text deltas;
+4. samples per slot and turns token bytes into text deltas (with the log-probabilities of their tokens);
 5. after a call that gave some stream its first text, pauses ``first_token_pause_s`` before the next one.
+
+The choices of one request (``n`` > 1) are one leader and its followers (``Generation.follows``): a
+follower waits in the queue, without holding up the requests behind it, until its leader has read
+the prompt; it then copies the leader's cache, so that the prompt is read once. With a cut-invariant
+backend the copy stops one token short (a slot must compute its own last prompt row's logits), and
+that token joins the step's generation call instead of costing a call of its own.
 
 The decoder is a ``DecodeBackend``: llama.cpp in production, a scripted fake in fast tests.
 
@@ -45,6 +51,8 @@ from peerinfer.engine.base import (
     Generation,
     SamplingParams,
     TextDelta,
+    TokenLogprob,
+    TopLogprob,
     deliver,
 )
 from peerinfer.engine.batching import choose_slot, reusable_prefix
@@ -67,6 +75,22 @@ class SlotWork:
     want_output: bool
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """What a backend sampled for one slot: the token and, if the request asked, log-probabilities.
+
+    ``logprob`` is the token's under the model's own distribution (before bias, penalties, temperature or
+    grammar) and ``top`` the most likely (token, log-probability) pairs, most likely first. ``error``:
+    this slot could not sample (its grammar allows no token); ``token`` is then meaningless and only
+    this request fails.
+    """
+
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+    error: str | None = None
+
+
 class DecodeBackend(Protocol):
     n_ctx_per_slot: int
 
@@ -76,8 +100,11 @@ class DecodeBackend(Protocol):
         Returns how many it kept (``keep``, or 0 if the cache could not be cut there).
         """
 
-    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, int]:
-        """Decode one batch; return the sampled token of every slot that asked for output.
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
+        """Decode one batch; return what was sampled for every slot that asked for output.
+
+        The backend samples with the slot's parameters from ``begin`` and takes the token as generated
+        (penalties and grammar see it); the scheduler accepts every token it returns.
 
         ``spare``: slots not in the batch that may hold a throw-away row, and the position it would take
         (always below ``n_ctx_per_slot``; their cache must be as before once the call returns). On
@@ -108,6 +135,8 @@ class _Slot:
     generated: int = 0
     sent_text: bool = False
     decoded: list[int] = field(default_factory=list)  # generated tokens now in the slot's cache
+    # Log-probabilities of tokens whose text is not out yet, each with the character its text starts at.
+    pending: list[tuple[int, TokenLogprob]] = field(default_factory=list)
 
     @property
     def prompt_left(self) -> int:
@@ -205,6 +234,22 @@ class BatchScheduler:
             self._waiting.append(generation)
             self._cond.notify_all()
 
+    def submit_all(self, generations: Sequence[Generation]) -> None:
+        """Queue all of ``generations`` or none (``OverloadedError``): the choices of one request."""
+        with self._cond:
+            if (
+                len(self._waiting) + len(self._active) + self._admitting + len(generations)
+                > self.slots + self.max_queue
+            ):
+                raise OverloadedError(
+                    f"{len(generations)} choices need {len(generations)} places but all {self.slots} slots are "
+                    f"busy or {len(self._waiting)} requests are already waiting (queue limit {self.max_queue}); "
+                    "retry later, ask for fewer choices or raise PEERINFER_MAX_QUEUE",
+                    retry_after=self.retry_after(),
+                )
+            self._waiting.extend(generations)
+            self._cond.notify_all()
+
     def retry_after(self) -> int:
         """Seconds a rejected client should wait: until the queue ahead of it and itself got a slot."""
         return retry_after_s(len(self._waiting) + 1, self._throughput.per_s, self.slots)
@@ -288,15 +333,32 @@ class BatchScheduler:
         backend's part of admission (a KV copy of ~38 MB, a cut) runs after it is let go, in ``_admit``.
         """
         taken: list[Generation] = []
+        passed: list[Generation] = []  # followers whose leader has not read the prompt yet: they stay
         room = self.slots - len(self._active)
         while len(taken) < room and self._waiting:
             generation = self._waiting.popleft()
             if generation.cancelled.is_set():
                 self._emit(generation, Finished("cancelled", len(generation.prompt_tokens), 0))
+            elif self._leader_reading(generation, taken):
+                passed.append(generation)
             else:
                 taken.append(generation)
+        self._waiting.extendleft(reversed(passed))
         self._admitting = len(taken)
         return taken
+
+    def _leader_reading(self, generation: Generation, taken: Sequence[Generation]) -> bool:
+        """Whether ``generation`` follows one that is still to read its prompt (waiting, or reading it).
+
+        A leader that finished, failed or was cancelled is not waited for: the follower reads the
+        prompt itself, or copies what the leader left.
+        """
+        leader = generation.follows
+        if leader is None:
+            return False
+        if any(other is leader for other in taken) or any(other is leader for other in self._waiting):
+            return True
+        return any(slot.generation is leader and slot.prompt_left > 0 for slot in self._active.values())
 
     def _admit(self, taken: list[Generation]) -> None:
         free = [index for index in range(self.slots) if index not in self._active]
@@ -340,7 +402,7 @@ class BatchScheduler:
             message = exc.message if isinstance(exc, PeerInferError) else _BUG
             self._emit(generation, Finished("error", len(prompt), 0, message))
             return None
-        return _Slot(
+        slot = _Slot(
             index=index,
             generation=generation,
             assembler=TextAssembler(generation.params.stops),
@@ -349,6 +411,11 @@ class BatchScheduler:
             position=reuse,
             cached=reuse,
         )
+        if self.cut_invariant and 0 < reuse == len(prompt) - 1:
+            # Only the last prompt token is left (a follower's copy, or a repeated prompt): it joins the
+            # step's generation call, where its row has the numbers a prompt call would give it.
+            slot.next_token = prompt[-1]
+        return slot
 
     def _donor(self, prompt: Sequence[int], target: int) -> tuple[int | None, int]:
         """The other slot, busy or free, whose cache holds the most of ``prompt``, and how much."""
@@ -453,11 +520,11 @@ class BatchScheduler:
                 self._note_success()
                 self._apply([item], sampled)
 
-    def _apply(self, work: list[SlotWork], sampled: Mapping[int, int]) -> None:
+    def _apply(self, work: list[SlotWork], sampled: Mapping[int, Sampled]) -> None:
         for item in work:
             slot = self._active[item.slot]
             slot.position += len(item.tokens)
-            if slot.next_token is None:
+            if slot.prompt_left > 0:
                 slot.prefilled += len(item.tokens)
             else:
                 slot.decoded.extend(item.tokens)
@@ -515,15 +582,22 @@ class BatchScheduler:
                 spare[index] = position
         return spare
 
-    def _accept(self, slot: _Slot, token: int) -> None:
+    def _accept(self, slot: _Slot, sampled: Sampled) -> None:
         params = slot.generation.params
+        if sampled.error is not None:
+            self._finish(slot, "error", sampled.error)
+            return
+        token = sampled.token
         if self.backend.is_end(token):
             self._finish(slot, "stop")
             return
         slot.generated += 1
-        delta, stopped = slot.assembler.feed(self.backend.piece(token))
+        piece = self.backend.piece(token)
+        if params.logprobs is not None and sampled.logprob is not None:
+            slot.pending.append((slot.assembler.read, self._token_logprob(piece, sampled)))
+        delta, stopped = slot.assembler.feed(piece)
         if delta:
-            self._emit(slot.generation, TextDelta(delta))
+            self._emit(slot.generation, TextDelta(delta, self._shown_logprobs(slot)))
             if not slot.sent_text:
                 slot.sent_text = self._first_text_out = True
         if stopped:
@@ -533,10 +607,26 @@ class BatchScheduler:
         else:
             slot.next_token = token
 
+    def _token_logprob(self, piece: bytes, sampled: Sampled) -> TokenLogprob:
+        top = tuple(TopLogprob(self.backend.piece(token), logprob) for token, logprob in sampled.top)
+        return TokenLogprob(piece, sampled.logprob if sampled.logprob is not None else 0.0, top)
+
+    def _shown_logprobs(self, slot: _Slot) -> tuple[TokenLogprob, ...]:
+        """The pending entries whose text is now out (it starts before ``sent``); the rest stay pending.
+
+        A token whose text was all held back (a character split over tokens, the start of what might
+        be a stop string) goes out with the delta that first shows its text.
+        """
+        shown = [entry for start, entry in slot.pending if start < slot.assembler.sent]
+        slot.pending = [(start, entry) for start, entry in slot.pending if start >= slot.assembler.sent]
+        return tuple(shown)
+
     def _finish(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
-        tail = slot.assembler.finish() if reason in ("stop", "length") else ""
-        if tail:
-            self._emit(slot.generation, TextDelta(tail))
+        tail = slot.assembler.finish(drop_partial_stop=reason == "length") if reason in ("stop", "length") else ""
+        # Entries of tokens never shown (swallowed by a stop string, or a dropped partial one) are dropped.
+        logprobs = self._shown_logprobs(slot) if error is None else ()
+        if tail or logprobs:
+            self._emit(slot.generation, TextDelta(tail, logprobs))
         prompt = slot.generation.prompt_tokens
         self._emit(slot.generation, Finished(reason, len(prompt), slot.generated, error, cached_tokens=slot.cached))
         # What a fresh read would give (see _held); after an error, nothing.

@@ -36,6 +36,10 @@ class TextAssembler:
 
     ``feed`` returns ``(delta, stopped)``. Once ``stopped`` is true the generation must end; the
     stop string itself is never emitted. ``finish`` flushes whatever was held back.
+
+    ``read`` counts the characters decoded so far and ``sent`` those handed out: a token whose first
+    character sits at ``read`` (before it is fed) at or past ``sent`` (after the end) was never shown
+    (it fell in a stop string), which is how log-probabilities follow the text.
     """
 
     def __init__(self, stops: Sequence[str] = ()) -> None:
@@ -43,25 +47,42 @@ class TextAssembler:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
         self.stopped = False
+        self.read = 0
+        self.sent = 0
 
     def feed(self, piece: bytes) -> tuple[str, bool]:
         if self.stopped:
             return "", True
-        text = self._pending + self._decoder.decode(piece)
+        new = self._decoder.decode(piece)
+        self.read += len(new)
+        text = self._pending + new
         stop_at = find_stop(text, self._stops)
         if stop_at >= 0:
             self._pending = ""
             self.stopped = True
-            return text[:stop_at], True
+            return self._send(text[:stop_at]), True
         hold = held_back_suffix_length(text, self._stops)
         cut = len(text) - hold
         self._pending = text[cut:]
-        return text[:cut], False
+        return self._send(text[:cut]), False
 
-    def finish(self) -> str:
-        """Flush held-back text at the end of a generation (an incomplete character becomes U+FFFD)."""
+    def finish(self, *, drop_partial_stop: bool = False) -> str:
+        """Flush held-back text at the end of a generation (an incomplete character becomes U+FFFD).
+
+        ``drop_partial_stop``: drop held-back text that is the start of a stop string instead. A
+        generation cut short by its token limit in the middle of a stop string (a base model's
+        transcript, ``"...light.\nQuestion"``) must not end with the start of the next turn's marker.
+        """
         if self.stopped:
             return ""
-        text = self._pending + self._decoder.decode(b"", final=True)
+        tail = self._decoder.decode(b"", final=True)
+        self.read += len(tail)
+        text = self._pending + tail
         self._pending = ""
+        if drop_partial_stop:
+            text = text[: len(text) - held_back_suffix_length(text, self._stops)]
+        return self._send(text)
+
+    def _send(self, text: str) -> str:
+        self.sent += len(text)
         return text
