@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from openai import omit
@@ -21,7 +21,8 @@ from pydantic import TypeAdapter
 from peerinfer.api import openai as wire
 from peerinfer.api.choices import AnswerFailed, AnswerUsage, ChoiceDelta, ChoiceEnd, KeepAlive, Outcome, ToolCall
 from peerinfer.api.responses import REFUSED, parse_responses_request, responses_error, to_chat_body
-from peerinfer.api.responses_output import KEEPALIVE, ResponseBuilder, ResponsesFormat, collect_response
+from peerinfer.api.responses_output import ResponseBuilder, ResponsesFormat, collect_response
+from peerinfer.api.sse import KEEPALIVE
 from peerinfer.engine.base import TokenLogprob, TopLogprob
 from peerinfer.errors import ContextLengthError, RequestError
 
@@ -564,7 +565,7 @@ def client_accumulates(raw: bytes, request_tools: Any = omit) -> Any:
     """The state behind ``client.responses.stream``: it checks ids, indexes and order as it goes."""
     state: ResponseStreamState[Any] = ResponseStreamState(input_tools=request_tools, text_format=omit)
     for event in decoded(raw):
-        state.handle_event(construct_type(type_=ResponseStreamEvent, value=event))
+        state.handle_event(cast(Any, construct_type(type_=ResponseStreamEvent, value=event)))
     return state._completed_response
 
 
