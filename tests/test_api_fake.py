@@ -40,7 +40,7 @@ def assert_openai_error(response: requests.Response | object, status: int) -> di
 def test_chat_answer_and_usage(client: TestClient) -> None:
     body = client.post(CHAT, json=HELLO).json()
     assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "You said: Answer:"}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "You said: Answer:", "refusal": None}
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == len(b"You said: Answer:")
 

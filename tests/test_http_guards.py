@@ -170,7 +170,7 @@ def test_openapi_documents_the_real_request_bodies(client: TestClient) -> None:
         assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
         assert set(schema["paths"][path]["post"]["responses"]) >= {"200", "400", "401", "413", "415", "503"}
     assert "messages" in components["ChatCompletionRequest"]["required"]
-    assert "TextPart" in components and "ErrorResponse" in components
+    assert "ContentPart" in components and "ErrorResponse" in components
     assert "$defs" not in str(schema)
 
 

@@ -6,13 +6,19 @@ its body means and encodes the same outcomes in its own format.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
 import anyio
 from fastapi.responses import Response
 from starlette.types import Receive
 
 from peerinfer.api import openai as wire
 from peerinfer.api.formats import ChatFormat
+from peerinfer.engine.chat_types import ToolCallSpec
 from peerinfer.engine.prompt import ChatPrompt, ChatTurn, render_chat
+from peerinfer.engine.tool_calls import ToolCallParser, function_names, tool_call_grammar, tools_to_render
 from peerinfer.errors import RequestError
 from peerinfer.server.serving import Job, Serving, max_tokens
 
@@ -52,17 +58,19 @@ class ChatServing:
         """Checks, renders and tokenises ``request``; raises ``RequestError`` before anything is queued."""
         core = self.core
         info = core.engine.info
-        if request.uses_tools:
-            raise RequestError(
-                "tools are not supported by this model's chat template (it has no way to show the model the tools "
-                "or to read its calls); leave 'tools' out, or use a model whose template renders tools",
-                param="tools",
-            )
         cap = core.settings.max_tokens_cap
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         limit = max_tokens(request.token_limit, cap, cap, param)
+        tool_choice = _tool_choice(request)
+        tools = tools_to_render(_tools(request), tool_choice)
+        if tools and request.response_format is not None and request.response_format.type != "text":
+            raise RequestError(
+                "response_format constrains the answer to JSON, so the model could not call the tools; send "
+                'one of response_format and tools (or tool_choice: "none")',
+                param="response_format",
+            )
         grammar = await self.grammar(request.response_format)
-        turns = [ChatTurn(message.role, message.text) for message in request.messages]
+        turns = [_turn(message) for message in request.messages]
 
         def render() -> ChatPrompt:
             return render_chat(
@@ -71,12 +79,34 @@ class ChatServing:
                 bos_token=info.bos_token,
                 eos_token=info.eos_token,
                 continue_final=request.continue_final_message,
+                tools=tools,
             )
 
         prompt = await core.reader.render(turns, render)
         # Control tokens come from the template's markup only, never from a message's text.
         tokens = await core.reader.tokenize(prompt.parts, prompt.add_bos, "messages")
+        reader = None
+        if tools and prompt.tool_syntax is not None:
+            syntax = prompt.tool_syntax
+            grammar = tool_call_grammar(syntax, tools, tool_choice, core.engine.json_grammar)
+            reader = partial(ToolCallParser, syntax, function_names(tools))
         choices = core.sampling(
             request, limit=limit, stops=request.stops + prompt.stops, grammar=grammar, logprobs=request.logprobs_top
         )
-        return Job(tokens, choices, strip_leading_space=not request.continue_final_message)
+        return Job(tokens, choices, strip_leading_space=not request.continue_final_message, tool_calls=reader)
+
+
+def _turn(message: wire.ChatMessage) -> ChatTurn:
+    calls = tuple(
+        ToolCallSpec(call.id, call.function.name, call.function.arguments) for call in message.tool_calls or ()
+    )
+    return ChatTurn(message.role, message.text, name=message.name, tool_calls=calls, tool_call_id=message.tool_call_id)
+
+
+def _tools(request: wire.ChatCompletionRequest) -> list[Mapping[str, Any]] | None:
+    return [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
+
+
+def _tool_choice(request: wire.ChatCompletionRequest) -> str | Mapping[str, Any] | None:
+    choice = request.tool_choice
+    return choice.model_dump() if isinstance(choice, wire.NamedToolChoice) else choice

@@ -13,21 +13,44 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive
 
 from peerinfer.api import openai as wire
 from peerinfer.api import sse
-from peerinfer.api.choices import AnswerFailed, AnswerFormat, AnswerUsage, ChoiceDelta, ChoiceEnd, KeepAlive, Outcome
+from peerinfer.api.choices import (
+    AnswerFailed,
+    AnswerFormat,
+    AnswerUsage,
+    ChoiceDelta,
+    ChoiceEnd,
+    FinishReason,
+    KeepAlive,
+    Outcome,
+    ToolCall,
+)
 from peerinfer.engine.base import Engine, Event, Finished, Generation, SamplingParams, TextDelta
 from peerinfer.errors import EngineError, RequestError
 from peerinfer.server.metrics import WorkerMetrics
 from peerinfer.server.reading import PromptReader
 from peerinfer.settings import WorkerSettings
+
+NO_CALLS: tuple[ToolCall, ...] = ()
+
+
+class ToolCallReader(Protocol):
+    """Reads tool calls out of a choice's text (``peerinfer.engine.tool_calls.ToolCallParser``)."""
+
+    calls: int
+
+    def feed(self, delta: str) -> tuple[str, tuple[ToolCall, ...]]: ...
+
+    def finish(self) -> tuple[str, tuple[ToolCall, ...]]: ...
 
 
 @dataclass(frozen=True)
@@ -38,6 +61,8 @@ class Job:
     choices: tuple[SamplingParams, ...]
     # Chat answers start at their first visible character, as OpenAI's do.
     strip_leading_space: bool = False
+    # Tools were rendered into the prompt: each choice's text goes through one of these.
+    tool_calls: Callable[[], ToolCallReader] | None = None
 
 
 def max_tokens(requested: int | None, default: int, cap: int, param: str = "max_tokens") -> int:
@@ -117,7 +142,7 @@ class Serving:
             self.engine.submit(lead)
         else:
             self.engine.submit_all(generations)
-        return Answer(generations, self.metrics, self.settings.keepalive_s, job.strip_leading_space)
+        return Answer(generations, self.metrics, self.settings.keepalive_s, job.strip_leading_space, job.tool_calls)
 
     async def respond(self, job: Job, receive: Receive, stream: bool, answer_format: AnswerFormat) -> Response:
         """The whole serving of one request: submit, then stream SSE or answer one JSON object."""
@@ -180,13 +205,19 @@ class Answer:
     """The choices of one request inside the engine, read as one stream of ``Outcome``s."""
 
     def __init__(
-        self, generations: Sequence[Generation], metrics: WorkerMetrics, keepalive_s: float, strip: bool
+        self,
+        generations: Sequence[Generation],
+        metrics: WorkerMetrics,
+        keepalive_s: float,
+        strip: bool = False,
+        tool_calls: Callable[[], ToolCallReader] | None = None,
     ) -> None:
         self.generations = list(generations)
         self.metrics = metrics
         self.keepalive_s = keepalive_s
         self.started = time.perf_counter()
         self._strips = [_LeadingSpace(strip) for _ in generations]
+        self._readers = [tool_calls() for _ in generations] if tool_calls is not None else None
         self._first: list[float | None] = [None] * len(generations)
 
     def cancel(self) -> None:
@@ -211,9 +242,12 @@ class Answer:
                 if isinstance(event, TextDelta):
                     if self._first[index] is None:
                         self._first[index] = time.perf_counter() - self.started
-                    text = self._strips[index](event.text)
-                    if text or event.logprobs:
-                        yield ChoiceDelta(index, text, event.logprobs)
+                    text, calls = event.text, NO_CALLS
+                    if self._readers is not None:
+                        text, calls = self._readers[index].feed(text)
+                    text = self._strips[index](text)
+                    if text or event.logprobs or calls:
+                        yield ChoiceDelta(index, text, event.logprobs, calls)
                     continue
                 self._observe(index, event)
                 if event.reason == "cancelled":
@@ -225,7 +259,15 @@ class Answer:
                 if index == 0:
                     prompt_tokens, cached_tokens = event.prompt_tokens, event.cached_tokens
                 completion_tokens += event.completion_tokens
-                yield ChoiceEnd(index, event.reason, event.completion_tokens)
+                reason: FinishReason = event.reason
+                if self._readers is not None:
+                    reader = self._readers[index]
+                    text, calls = reader.finish()
+                    text = self._strips[index](text)
+                    if text or calls:
+                        yield ChoiceDelta(index, text, (), calls)
+                    reason = "tool_calls" if reader.calls else reason
+                yield ChoiceEnd(index, reason, event.completion_tokens)
                 ended += 1
                 if ended == len(self.generations):
                     yield AnswerUsage(prompt_tokens, completion_tokens, cached_tokens)
