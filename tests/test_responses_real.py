@@ -208,3 +208,12 @@ def test_a_base_url_without_v1_reaches_the_same_endpoint(real_worker: str) -> No
     with openai.OpenAI(base_url=real_worker, api_key="unused", max_retries=0) as bare:
         response = bare.responses.create(model="gemma", input=QUESTION, temperature=0, max_output_tokens=24)
     assert "Paris" in response.output_text
+
+
+def test_a_long_conversation_of_items_is_served(client: openai.OpenAI) -> None:
+    turns: list[Any] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * 50
+    response = client.responses.create(
+        model="gemma", input=[*turns, {"role": "user", "content": QUESTION}], temperature=0, max_output_tokens=4
+    )
+    assert response.status in ("completed", "incomplete")
+    assert response.usage is not None and response.usage.input_tokens > 300

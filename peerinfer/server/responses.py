@@ -9,6 +9,7 @@ the chat field it became.
 
 from __future__ import annotations
 
+import anyio
 from fastapi.responses import Response
 from starlette.types import Receive
 
@@ -18,6 +19,8 @@ from peerinfer.api.responses_output import ResponsesFormat
 from peerinfer.errors import RequestError
 from peerinfer.server.chat import ChatServing
 
+INLINE_ITEMS = 64  # as many chat messages as the chat path renders on the loop
+
 
 class ResponsesServing:
     def __init__(self, chat: ChatServing) -> None:
@@ -25,10 +28,14 @@ class ResponsesServing:
 
     async def serve(self, request: ResponsesRequest, receive: Receive) -> Response:
         """The one serving path of a Response, streamed or whole."""
+
+        def translate() -> wire.ChatCompletionRequest:
+            return wire.parse_request(wire.ChatCompletionRequest, wire.dumps(to_chat_body(request)).encode("utf-8"))
+
         try:
-            chat_request = wire.parse_request(
-                wire.ChatCompletionRequest, wire.dumps(to_chat_body(request)).encode("utf-8")
-            )
+            # A body of thousands of items takes a while to read again as chat: not on the loop.
+            many = isinstance(request.input, list) and len(request.input) > INLINE_ITEMS
+            chat_request = await anyio.to_thread.run_sync(translate) if many else translate()
             job = await self.chat.job(chat_request)
         except RequestError as exc:
             raise responses_error(exc, request) from exc
