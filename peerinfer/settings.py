@@ -7,13 +7,16 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from jinja2 import TemplateError, TemplateSyntaxError
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from peerinfer.engine.chat_template import compile_template
 from peerinfer.errors import ConfigError
 
 LogLevel = Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
 NameList = Annotated[tuple[str, ...], NoDecode]
+MAX_CHAT_TEMPLATE_BYTES = 1_048_576
 
 
 def _default_threads() -> int:
@@ -43,14 +46,43 @@ class NetworkSettings(BaseSettings):
     )
 
 
+def read_chat_template(path: Path) -> str:
+    """A chat template file's text, checked to compile; ``ValueError`` saying why not (one line)."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CHAT_TEMPLATE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read the chat template file: {exc.strerror or exc}") from exc
+    if len(data) > MAX_CHAT_TEMPLATE_BYTES:
+        raise ValueError(f"the chat template file is larger than {MAX_CHAT_TEMPLATE_BYTES} bytes; is it a template?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the chat template file is not UTF-8 text (byte {exc.start})") from exc
+    if not text.strip():
+        raise ValueError("the chat template file is empty")
+    try:
+        compile_template(text)
+    except TemplateError as exc:
+        line = f" (line {exc.lineno})" if isinstance(exc, TemplateSyntaxError) else ""
+        raise ValueError(f"the chat template does not compile{line}: {exc.message or exc}") from exc
+    return text
+
+
 class WorkerSettings(NetworkSettings):
     """Everything a worker can be told. Every field has a working default."""
 
     model_config = SettingsConfigDict(env_prefix="PEERINFER_", extra="ignore")
+    _chat_template_text: str | None = PrivateAttr(default=None)
 
     model: Path | None = Field(
         default=None,
         description="Path to a .gguf file. Unset: ./model.gguf if it exists, else the bundled Gemma 3 270M.",
+    )
+    chat_template: Path | None = Field(
+        default=None,
+        description="A Jinja chat template file that replaces the model's own (as llama-server's "
+        "--chat-template-file): for a GGUF without a template, or with a broken one. Read and compiled once, at start.",
     )
     cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "peerinfer",
@@ -194,6 +226,20 @@ class WorkerSettings(NetworkSettings):
             return json.loads(value)
         return tuple(part.strip() for part in value.split(",") if part.strip())
 
+    @model_validator(mode="after")
+    def _read_chat_template(self) -> WorkerSettings:
+        if self.chat_template is not None:
+            try:
+                self._chat_template_text = read_chat_template(self.chat_template)
+            except ValueError as exc:
+                raise ValueError(f"PEERINFER_CHAT_TEMPLATE={str(self.chat_template)!r}: {exc}") from exc
+        return self
+
+    @property
+    def chat_template_text(self) -> str | None:
+        """The text of ``PEERINFER_CHAT_TEMPLATE``, read and compiled when the settings were made; None if unset."""
+        return self._chat_template_text
+
     @property
     def dht_enabled(self) -> bool:
         if self.dht is not None:
@@ -208,6 +254,9 @@ def load_worker_settings() -> WorkerSettings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):
+            if not error["loc"]:  # a check of several fields, or of a file: its message names the variable
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                continue
             name = "PEERINFER_" + "_".join(str(part) for part in error["loc"][:1]).upper()
             value = repr(error.get("input"))
             if len(value) > 60:

@@ -36,7 +36,7 @@ def test_template_is_rendered_with_generation_prompt_and_bos_not_doubled() -> No
     prompt = render_chat([ChatTurn("user", "Hi")], CHATML, bos_token="<s>")
     assert prompt.text == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert not prompt.add_bos
-    assert prompt.stops == ()
+    assert prompt.stops == ("<|im_end|>", "<|im_start|>user")  # its end of a turn, if written as text
 
 
 def test_template_continue_final_cuts_after_the_partial_answer() -> None:

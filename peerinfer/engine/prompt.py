@@ -1,81 +1,52 @@
-"""Chat messages to prompt parts: the template's own markup, and the messages' text. Pure, no I/O.
+"""Chat messages to prompt parts: the chat format's own markup, and what clients wrote. Pure, no I/O.
 
-A GGUF that carries a chat template is rendered with that template (Jinja2, sandboxed). A base
-model without one (the bundled Gemma 3 270M) gets a plain question/answer transcript with a stop
-at the next turn marker: measured on Gemma 3 270M at temperature 0, Gemma's own turn markers make
-the base model echo the question, while the transcript gives sensible answers.
-
-Only markup may become control tokens. A message that says ``<end_of_turn>`` or ``<eos>`` must
-reach the model as those characters, never as the control token: otherwise whoever writes a
-message can end its turn and write the model's or the system's turns (a forged turn). So a
-template is rendered twice: once with the messages, and once with a random placeholder in place
-of each message's text. The placeholder render holds nothing a user wrote; where the real render
-is that markup with each message's text (verbatim, or with its ends' whitespace trimmed, as many
-templates do) in the placeholders' places, those ranges are the messages' text and the rest is
-markup. A template that changes a message's text in any other way (upper-casing it, cutting it
-up) is refused with a 400 rather than guessed at.
+A GGUF that carries a chat template (or the one ``PEERINFER_CHAT_TEMPLATE`` names) is rendered
+with it (``chat_template``: only its markup may become control tokens). A base model without one
+(the bundled Gemma 3 270M) gets a plain question/answer transcript with a stop at the next turn
+marker: measured on Gemma 3 270M at temperature 0, Gemma's own turn markers make the base model
+echo the question, while the transcript gives sensible answers. The transcript has no tools.
 """
 
 from __future__ import annotations
 
-import functools
-import re
-import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from jinja2 import Template, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+from peerinfer.engine.chat_template import (
+    render_template,
+    template_stops,
+    template_supports_tools,
+    template_tool_syntax,
+)
+from peerinfer.engine.chat_types import (
+    HERMES_TOOL_SYNTAX,
+    ChatPrompt,
+    ChatTurn,
+    ControlToken,
+    PromptPart,
+    ToolCallSpec,
+    ToolSyntax,
+)
 from peerinfer.errors import RequestError
+
+__all__ = [
+    "HERMES_TOOL_SYNTAX",
+    "ChatPrompt",
+    "ChatTurn",
+    "ControlToken",
+    "PromptPart",
+    "ToolCallSpec",
+    "ToolSyntax",
+    "markup_of",
+    "render_chat",
+    "split_at_controls",
+]
 
 QUESTION = "Question:"
 ANSWER = "Answer:"
+SYSTEM = "System"
 TRANSCRIPT_STOPS = ("\nQuestion:", "\n\nQuestion")
 _C_SPACE = " \t\n\v\f\r"  # what llama.cpp's isspace() strips next to an lstrip/rstrip token
-
-
-@dataclass(frozen=True)
-class ChatTurn:
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class PromptPart:
-    """A piece of a prompt: the chat format's own ``markup``, or text that came from a message.
-
-    The engine makes control tokens (``<start_of_turn>``, ``<eos>``) from markup only; a message's
-    text is tokenised as text whatever it contains.
-    """
-
-    text: str
-    markup: bool
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    """The prompt as parts, plus the extra stop strings and BOS handling its format needs."""
-
-    parts: tuple[PromptPart, ...]
-    stops: tuple[str, ...]
-    add_bos: bool
-
-    @property
-    def text(self) -> str:
-        return "".join(part.text for part in self.parts)
-
-
-@dataclass(frozen=True)
-class ControlToken:
-    """A control token the vocabulary's tokenizer found in markup; ``lstrip``/``rstrip``: it eats the
-    whitespace before/after it, as llama.cpp reads such tokens."""
-
-    token: int
-    text: str
-    lstrip: bool = False
-    rstrip: bool = False
 
 
 def _merged(parts: Sequence[PromptPart]) -> tuple[PromptPart, ...]:
@@ -91,29 +62,55 @@ def _merged(parts: Sequence[PromptPart]) -> tuple[PromptPart, ...]:
     return tuple(out)
 
 
+def _no_tools_in_transcript(turns: Sequence[ChatTurn]) -> None:
+    for index, turn in enumerate(turns):
+        if turn.role == "tool" or turn.tool_calls:
+            raise RequestError(
+                f"this model's chat format has no tool role and no tool calls (messages[{index}] is a "
+                f"{'tool message' if turn.role == 'tool' else 'tool call'}): the model has no chat template, so "
+                "it gets a plain question/answer transcript; send tool results as user messages, or set "
+                "PEERINFER_CHAT_TEMPLATE on the worker to a template that writes tools",
+                param="messages",
+            )
+
+
 def _render_transcript(turns: Sequence[ChatTurn], continue_final: bool) -> list[PromptPart]:
+    """The plain transcript. A message's ``name`` is text in parentheses after its label:
+    ``Question (alice): ...``, ``Answer (bot): ...``; a named system message is ``System (ops): ...``."""
+
     def markup(text: str) -> PromptPart:
         return PromptPart(text, markup=True)
 
     def content(text: str) -> PromptPart:
         return PromptPart(text, markup=False)
 
+    def label(word: str, name: str | None) -> list[PromptPart]:
+        if name is None:
+            return [markup(word)]
+        return [markup(f"{word.removesuffix(':')} ("), content(name), markup("):")]
+
     lines: list[list[PromptPart]] = []
-    systems = [turn.content for turn in turns if turn.role in ("system", "developer")]
-    if "\n".join(systems):
+    systems = [turn for turn in turns if turn.role in ("system", "developer")]
+    if "\n".join(turn.content for turn in systems) or any(turn.name is not None for turn in systems):
         system: list[PromptPart] = []
-        for index, text in enumerate(systems):
-            system += [markup("\n"), content(text)] if index else [content(text)]
+        for index, turn in enumerate(systems):
+            line = (
+                [*label(SYSTEM, turn.name), markup(" "), content(turn.content)]
+                if turn.name
+                else [content(turn.content)]
+            )
+            system += [markup("\n"), *line] if index else line
         lines.append([*system, markup("\n")])
     dialogue = [turn for turn in turns if turn.role not in ("system", "developer")]
     for index, turn in enumerate(dialogue):
         last = index == len(dialogue) - 1
         if turn.role == "user":
-            lines.append([markup(f"{QUESTION} "), content(turn.content)])
+            lines.append([*label(QUESTION, turn.name), markup(" "), content(turn.content)])
         elif last and continue_final:
-            lines.append([markup(f"{ANSWER} "), content(turn.content)] if turn.content else [markup(ANSWER)])
+            answer = label(ANSWER, turn.name)
+            lines.append([*answer, markup(" "), content(turn.content)] if turn.content else answer)
         else:
-            lines.append([markup(f"{ANSWER} "), content(turn.content), markup("\n")])
+            lines.append([*label(ANSWER, turn.name), markup(" "), content(turn.content), markup("\n")])
     if not continue_final:
         lines.append([markup(ANSWER)])
     parts: list[PromptPart] = []
@@ -122,115 +119,20 @@ def _render_transcript(turns: Sequence[ChatTurn], continue_final: bool) -> list[
     return parts
 
 
-@functools.lru_cache(maxsize=4)
-def _compile(template: str) -> Template:
-    """A model's template, compiled once (~13 ms for Gemma's) rather than on every request."""
-    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
-
-
-def _raise_from_template(message: str) -> None:
-    raise RequestError(f"the model's chat template rejected the messages: {message}", param="messages")
-
-
-def _variants(text: str) -> list[str]:
-    """How a template may write a message's text: as it is, or with the whitespace at its ends trimmed."""
-    forms = [text, text.strip(), text.lstrip(), text.rstrip(), text.strip("\n"), text.lstrip("\n"), text.rstrip("\n")]
-    return list(dict.fromkeys(forms))
-
-
-@dataclass(frozen=True)
-class _Step:
-    """One message's text placed in the real render, linked to the steps before it."""
-
-    text: str
-    before: _Step | None
-
-
-def _trace(markups: Sequence[str], owners: Sequence[int], contents: Sequence[str], text: str) -> list[str] | None:
-    """The messages' texts as written in ``text`` = markups[0] + written[0] + markups[1] + ... + markups[-1].
-
-    Each ``written[k]`` is a variant of ``contents[owners[k]]``; None if no choice gives ``text``.
-    A depth-first search over (placeholder, position), each state tried once: linear in the messages.
-    """
-    stack: list[tuple[int, int, _Step | None]] = [(0, 0, None)]
-    seen: set[tuple[int, int]] = set()
-    while stack:
-        index, position, step = stack.pop()
-        if not text.startswith(markups[index], position):
-            continue
-        position += len(markups[index])
-        if index == len(owners):
-            if position != len(text):
-                continue
-            written: list[str] = []
-            while step is not None:
-                written.append(step.text)
-                step = step.before
-            return written[::-1]
-        for variant in reversed(_variants(contents[owners[index]])):
-            state = (index + 1, position + len(variant))
-            if state not in seen and text.startswith(variant, position):
-                seen.add(state)
-                stack.append((*state, _Step(variant, step)))
-    return None
-
-
-def _placeholders(turns: Sequence[ChatTurn], template: str) -> tuple[str, list[str]]:
-    """A fresh random tag, and each message's stand-in (a whitespace-only text stands for itself)."""
-    while True:
-        tag = f"{secrets.randbelow(10**18):018d}"  # digits: a template that changes letters' case keeps it
-        if tag not in template and not any(tag in turn.content for turn in turns):
-            break
-    return tag, [f"[[{tag}:{index}]]" if turn.content.strip() else turn.content for index, turn in enumerate(turns)]
-
-
-def _render_template(
-    turns: Sequence[ChatTurn], template: str, bos_token: str, eos_token: str, continue_final: bool
-) -> list[PromptPart]:
-    now = datetime.now()  # one clock for both renders
-
-    def render(compiled: Template, contents: Sequence[str]) -> str:
-        return compiled.render(
-            messages=[{"role": turn.role, "content": text} for turn, text in zip(turns, contents, strict=True)],
-            bos_token=bos_token,
-            eos_token=eos_token,
-            add_generation_prompt=not continue_final,
-            raise_exception=_raise_from_template,
-            strftime_now=now.strftime,
-        )
-
-    tag, stand_ins = _placeholders(turns, template)
-    try:
-        compiled = _compile(template)
-        text = render(compiled, [turn.content for turn in turns])
-        marked = render(compiled, stand_ins)
-    except TemplateError as exc:
-        raise RequestError(f"the model's chat template failed: {exc}", param="messages") from exc
-    pieces = re.split(rf"\[\[{tag}:(\d+)\]\]", marked)
-    markups, owners = pieces[0::2], [int(owner) for owner in pieces[1::2]]
-    written = _trace(markups, owners, [turn.content for turn in turns], text)
-    if written is None:
+def _check_roles(turns: Sequence[ChatTurn], continue_final: bool) -> None:
+    if not turns:
+        raise RequestError("messages must hold at least one message", param="messages")
+    if continue_final and turns[-1].role != "assistant":
         raise RequestError(
-            "the model's chat template changes the text of a message in a way other than trimming the "
-            "whitespace at its ends, so peerinfer cannot keep the message's text apart from the template's "
-            "markup (and will not risk reading a message's text as control tokens); change the message's "
-            "text, or use a model whose template writes messages as they are",
+            f"continue_final_message needs the last message to be from the assistant, got '{turns[-1].role}'",
             param="messages",
         )
-    if continue_final:
-        final = len(turns) - 1
-        places = [index for index, owner in enumerate(owners) if owner == final]
-        if not turns[final].content or not places or written[places[-1]] != turns[final].content:
-            raise RequestError(
-                "continue_final_message: the chat template does not keep the final assistant message "
-                "verbatim, so it cannot be continued",
-                param="messages",
-            )
-        markups, written = [*markups[: places[-1] + 1], ""], written[: places[-1] + 1]
-    parts = [PromptPart(markups[0], markup=True)]
-    for message_text, markup in zip(written, markups[1:], strict=True):
-        parts += [PromptPart(message_text, markup=False), PromptPart(markup, markup=True)]
-    return parts
+    if not continue_final and len(turns) >= 2 and turns[-1].role == turns[-2].role == "assistant":
+        raise RequestError(
+            "the conversation ends with two assistant messages; to continue the last one, set "
+            "continue_final_message to true, else join them or end with a user message",
+            param="messages",
+        )
 
 
 def render_chat(
@@ -240,21 +142,49 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
     continue_final: bool = False,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> ChatPrompt:
-    """Render chat turns for the model. ``continue_final`` continues the last assistant message."""
-    if not turns:
-        raise RequestError("messages must hold at least one message", param="messages")
-    if continue_final and turns[-1].role != "assistant":
-        raise RequestError(
-            f"continue_final_message needs the last message to be from the assistant, got '{turns[-1].role}'",
-            param="messages",
-        )
+    """Render chat turns for the model. ``continue_final`` continues the last assistant message.
+
+    ``tools``: OpenAI's tool definitions (``{"type": "function", "function": {...}}``), given to the
+    template as its ``tools`` variable, as Hugging Face's templates take them; None or empty: no
+    tools (pass None for ``tool_choice: "none"``). A 400 (``param="tools"``) when the format cannot
+    express tools, or when peerinfer cannot read the calls its model writes.
+    """
+    _check_roles(turns, continue_final)
     if template is None:
+        if tools:
+            raise RequestError(
+                "this model's chat template cannot express tools: the model has no chat template (it gets a "
+                "plain question/answer transcript); drop tools, or set PEERINFER_CHAT_TEMPLATE on the worker to "
+                "a template that writes them",
+                param="tools",
+            )
+        _no_tools_in_transcript(turns)
         return ChatPrompt(_merged(_render_transcript(turns, continue_final)), stops=TRANSCRIPT_STOPS, add_bos=True)
-    parts = _merged(_render_template(turns, template, bos_token, eos_token, continue_final))
+    syntax: ToolSyntax | None = None
+    if tools:
+        if not template_supports_tools(template):
+            raise RequestError(
+                "this model's chat template cannot express tools (it does not write the tools variable); drop "
+                "tools, or set PEERINFER_CHAT_TEMPLATE on the worker to a template that writes them",
+                param="tools",
+            )
+        syntax = template_tool_syntax(template)
+        if syntax is None:
+            raise RequestError(
+                "this model's chat template writes tools, but in a style of tool call that peerinfer cannot "
+                "read (it knows <tool_call>{...}</tool_call>, as in Hermes and Qwen templates); drop tools",
+                param="tools",
+            )
+    rendered = render_template(
+        turns, template, bos_token=bos_token, eos_token=eos_token, tools=tools or None, continue_final=continue_final
+    )
+    parts = _merged(rendered)
     text = "".join(part.text for part in parts)
     starts_with_bos = bool(bos_token) and text.startswith(bos_token)
-    return ChatPrompt(parts, stops=(), add_bos=not starts_with_bos)
+    stops = template_stops(template, bos_token, eos_token)
+    return ChatPrompt(parts, stops=stops, add_bos=not starts_with_bos, tool_syntax=syntax)
 
 
 def markup_of(parts: Sequence[PromptPart]) -> str:
