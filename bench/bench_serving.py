@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_serving.py                 # everything, writes bench/RESULTS.md
     .venv/bin/python bench/bench_serving.py --quick         # fewer requests, prints only
+    .venv/bin/python bench/bench_serving.py --features plain,json_schema,top_logprobs,n4 --levels 1,4 \
+        --only 'peerinfer worker,llama-server' --section features   # issue 11's rows
 
 Every server gets the same model, threads, context per stream, prompts and max_tokens, and runs
 alone on the machine (one after the other). Tokens are counted from each server's ``usage``.
@@ -45,6 +47,25 @@ PROMPTS = [
 ]
 
 
+# Issue 11's request features, as each server spells them on /v1/completions (greedy, streamed).
+ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"topic": {"type": "string"}, "facts": {"type": "array", "items": {"type": "string"}}},
+    "required": ["topic", "facts"],
+}
+FEATURES: dict[str, Callable[[str], dict[str, Any]]] = {
+    "plain": lambda system: {},
+    # llama-server reads a schema on /v1/completions as "json_schema"; the worker takes OpenAI's response_format.
+    "json_schema": lambda system: (
+        {"json_schema": ANSWER_SCHEMA}
+        if system.startswith("llama-server")
+        else {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}}
+    ),
+    "top_logprobs": lambda system: {"logprobs": 5},  # the legacy completions field: the top 5 per token
+    "n4": lambda system: {"n": 4},
+}
+
+
 @dataclass
 class Sample:
     ttft_s: float
@@ -65,6 +86,11 @@ class Row:
     concurrency: int
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
+    feature: str = "plain"
+
+    @property
+    def label(self) -> str:
+        return self.system if self.feature == "plain" else f"{self.system} [{self.feature}]"
 
     def ok(self) -> list[Sample]:
         return [sample for sample in self.samples if sample.error is None]
@@ -82,7 +108,7 @@ class Row:
         tpots = [t for t in (sample.tpot_s for sample in good) if t is not None]
         tokens = sum(sample.completion_tokens for sample in good)
         return {
-            "system": self.system,
+            "system": self.label,
             "concurrency": self.concurrency,
             "requests": len(self.samples),
             "ttft_p50_ms": 1000 * self.percentile(ttfts, 0.5),
@@ -110,14 +136,15 @@ class Streamed:
     error: str | None = None
 
 
-def stream_completion(url: str, prompt: str, max_tokens: int) -> Streamed:
-    """POST a streamed, greedy ``/v1/completions`` request and read it to the end."""
+def stream_completion(url: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None) -> Streamed:
+    """POST a streamed, greedy ``/v1/completions`` request (with ``extra`` fields) and read it to the end."""
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     started = time.perf_counter()
     first: float | None = None
@@ -146,8 +173,8 @@ def stream_completion(url: str, prompt: str, max_tokens: int) -> Streamed:
     return Streamed(None if first is None else first - started, total, events, usage)
 
 
-def stream_request(url: str, prompt: str, max_tokens: int) -> Sample:
-    streamed = stream_completion(url, prompt, max_tokens)
+def stream_request(url: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None) -> Sample:
+    streamed = stream_completion(url, prompt, max_tokens, extra)
     if streamed.error is not None:
         return Sample(0, 0, 0, streamed.error)
     if streamed.first_s is None:
@@ -156,13 +183,17 @@ def stream_request(url: str, prompt: str, max_tokens: int) -> Sample:
     return Sample(streamed.first_s, streamed.total_s, tokens if tokens is not None else streamed.text_events)
 
 
-def run_level(system: str, url: str, concurrency: int, requests_per_client: int, max_tokens: int) -> Row:
-    row = Row(system, concurrency)
+def run_level(
+    system: str, url: str, concurrency: int, requests_per_client: int, max_tokens: int, feature: str = "plain"
+) -> Row:
+    row = Row(system, concurrency, feature=feature)
     lock = threading.Lock()
+    extra = FEATURES[feature](system)
 
     def client(index: int) -> None:
         for number in range(requests_per_client):
-            sample = stream_request(url, PROMPTS[(index + number * concurrency) % len(PROMPTS)], max_tokens)
+            prompt = PROMPTS[(index + number * concurrency) % len(PROMPTS)]
+            sample = stream_request(url, prompt, max_tokens, extra)
             with lock:
                 row.samples.append(sample)
 
@@ -336,9 +367,9 @@ def chart(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    systems = sorted({row.system for row in rows if row.concurrency > 1 or row.system.startswith("peerinfer")})
+    systems = sorted({row.label for row in rows if row.concurrency > 1 or row.system.startswith("peerinfer")})
     for system in systems:
-        mine = sorted((row for row in rows if row.system == system), key=lambda row: row.concurrency)
+        mine = sorted((row for row in rows if row.label == system), key=lambda row: row.concurrency)
         levels = [row.concurrency for row in mine]
         left.plot(levels, [row.summary()["agg_tok_s"] for row in mine], marker="o", label=system)
         right.plot(levels, [row.summary()["ttft_p50_ms"] for row in mine], marker="o", label=system)
@@ -374,16 +405,17 @@ def run_round(args: argparse.Namespace, model: Path, levels: list[int], total: i
         rows.append(in_process(model, args.threads, args.n_ctx, args.max_tokens, total, repacked=False))
     env = worker_env(model, args.threads, args.n_ctx, args.slots, PEERINFER_MAX_QUEUE="64")
     for name, command in servers(model, args.threads, args.n_ctx, args.slots).items():
-        if wanted and not any(name.startswith(w) for w in wanted):
+        if wanted and not any(name == w or name.startswith(w + " ") for w in wanted):
             continue
         port = free_port()
         print(f"running {name} ...", file=sys.stderr)
         url, process = serve(command(port), env, port)
         try:
-            for level in levels:
-                per_client = max(2 if not args.quick else 1, -(-total // level))
-                rows.append(run_level(name, url, level, per_client, args.max_tokens))
-                print(table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+            for feature in args.features.split(","):
+                for level in levels:
+                    per_client = max(2 if not args.quick else 1, -(-total // level))
+                    rows.append(run_level(name, url, level, per_client, args.max_tokens, feature))
+                    print(table(rows[-1:]).splitlines()[-1], file=sys.stderr)
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -397,24 +429,21 @@ def paired(rounds: list[list[Row]]) -> str:
     so a ratio taken inside one round, minutes apart, says more than rows pooled over all rounds.
     """
     lines: list[str] = []
+    features = sorted({row.feature for rows in rounds for row in rows}, key=lambda f: (f != "plain", f))
     for reference in sorted({row.system for rows in rounds for row in rows if row.system.startswith("llama-server")}):
         systems = sorted({row.system for rows in rounds for row in rows if row.system.startswith("peerinfer")})
         levels = sorted({row.concurrency for rows in rounds for row in rows})
-        for system in systems:
-            for level in levels:
-                ratios = []
-                for rows in rounds:
-                    mine = {(row.system, row.concurrency): row for row in rows}
-                    if (system, level) in mine and (reference, level) in mine:
-                        ours = float(mine[(system, level)].summary()["agg_tok_s"])
-                        theirs = float(mine[(reference, level)].summary()["agg_tok_s"])
-                        ratios.append(ours / theirs)
-                if ratios:
-                    wins = sum(ratio >= 1.0 for ratio in ratios)
-                    lines.append(
-                        f"| {system} | {reference} | {level} | {len(ratios)} | {statistics.median(ratios):.3f} | "
-                        f"{min(ratios):.3f} | {max(ratios):.3f} | {wins} of {len(ratios)} |"
-                    )
+        for feature in features:
+            for system in systems:
+                for level in levels:
+                    ratios = _ratios(rounds, (system, feature, level), (reference, feature, level))
+                    if ratios:
+                        wins = sum(ratio >= 1.0 for ratio in ratios)
+                        lines.append(
+                            f"| {Row(system, level, feature=feature).label} | {reference} | {level} | {len(ratios)} "
+                            f"| {statistics.median(ratios):.3f} | {min(ratios):.3f} | {max(ratios):.3f} | "
+                            f"{wins} of {len(ratios)} |"
+                        )
     if not lines:
         return ""
     header = (
@@ -424,11 +453,51 @@ def paired(rounds: list[list[Row]]) -> str:
     return header + "\n" + "\n".join(lines)
 
 
+def _ratios(rounds: list[list[Row]], ours: tuple[str, str, int], theirs: tuple[str, str, int]) -> list[float]:
+    """Aggregate tok/s of row ``ours`` over row ``theirs`` (system, feature, level), within each round."""
+    ratios = []
+    for rows in rounds:
+        mine = {(row.system, row.feature, row.concurrency): row for row in rows}
+        if ours in mine and theirs in mine:
+            ratios.append(float(mine[ours].summary()["agg_tok_s"]) / float(mine[theirs].summary()["agg_tok_s"]))
+    return ratios
+
+
+def feature_costs(rounds: list[list[Row]]) -> str:
+    """Each feature's aggregate tok/s over the same system's plain requests, within each round.
+
+    ``n4`` is set against plain requests at the same number of clients: one request of 4 choices
+    against one of 1 (issue 11's target: at least 3x).
+    """
+    lines: list[str] = []
+    systems = sorted({row.system for rows in rounds for row in rows})
+    levels = sorted({row.concurrency for rows in rounds for row in rows})
+    features = sorted({row.feature for rows in rounds for row in rows} - {"plain"})
+    for feature in features:
+        for system in systems:
+            for level in levels:
+                ratios = _ratios(rounds, (system, feature, level), (system, "plain", level))
+                if ratios:
+                    lines.append(
+                        f"| {system} | {feature} | {level} | {len(ratios)} | {statistics.median(ratios):.3f} | "
+                        f"{min(ratios):.3f} | {max(ratios):.3f} |"
+                    )
+    if not lines:
+        return ""
+    header = (
+        "| system | feature | conc. | rounds | tok/s over plain, median | lowest | highest |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+    )
+    return header + "\n" + "\n".join(lines)
+
+
 def merge(rows: list[Row]) -> list[Row]:
     """Pool the rounds: one row per system and level, samples and wall time added up."""
-    merged: dict[tuple[str, int], Row] = {}
+    merged: dict[tuple[str, str, int], Row] = {}
     for row in rows:
-        into = merged.setdefault((row.system, row.concurrency), Row(row.system, row.concurrency))
+        into = merged.setdefault(
+            (row.system, row.feature, row.concurrency), Row(row.system, row.concurrency, feature=row.feature)
+        )
         into.samples.extend(row.samples)
         into.wall_s += row.wall_s
     return list(merged.values())
@@ -451,7 +520,15 @@ def main() -> int:
         help="repeat everything with fresh processes, interleaved; rows pool all rounds (default: 1)",
     )
     parser.add_argument("--section", default="serving", help="RESULTS.md section to write (default: serving)")
+    parser.add_argument(
+        "--features",
+        default="plain",
+        help=f"comma-separated request features, each a row per level (of {', '.join(FEATURES)}; default: plain)",
+    )
     args = parser.parse_args()
+    unknown = set(args.features.split(",")) - set(FEATURES)
+    if unknown:
+        parser.error(f"unknown features {sorted(unknown)}; choose from {', '.join(FEATURES)}")
     levels = [int(level) for level in args.levels.split(",")]
     total = 4 if args.quick else args.requests
     model = open_model_file(None, Path.home() / ".cache" / "peerinfer").path
@@ -468,6 +545,12 @@ def main() -> int:
     pairs = paired(rounds)
     if pairs:
         report += "\n\nPaired within each round (aggregate tok/s, this system / the other):\n\n" + pairs
+    costs = feature_costs(rounds)
+    if costs:
+        report += (
+            "\n\nWhat each feature costs, within each round (aggregate tok/s over the same system's plain rows):\n\n"
+        )
+        report += costs
     print(report)
     if not args.quick:
         command = "bash bench/setup_peers.sh && .venv/bin/python bench/bench_serving.py " + shlex.join(sys.argv[1:])
@@ -483,7 +566,7 @@ def main() -> int:
             "unknown CPU",
         )
         body = (
-            f"## Serving (issues 2 and 3){'' if args.section == 'serving' else ': ' + args.section}\n\n"
+            f"## Serving (issues 2, 3 and 11){'' if args.section == 'serving' else ': ' + args.section}\n\n"
             f"Command: `{command.strip()}`\n\n"
             f"Machine: {os.cpu_count()} cores ({cpu}), model {model.name}, {args.threads} threads, "
             f"context {args.n_ctx} per stream, {args.max_tokens} max tokens, temperature 0, "
