@@ -180,7 +180,9 @@ def stream_request(url: str, prompt: str, max_tokens: int, extra: dict[str, Any]
     if streamed.first_s is None:
         return Sample(0, streamed.total_s, 0, "no tokens")
     tokens = streamed.usage.get("completion_tokens")
-    return Sample(streamed.first_s, streamed.total_s, tokens if tokens is not None else streamed.text_events)
+    # llama-server's usage with n > 1 counts one choice's tokens only: take the text events when they are more.
+    counted = streamed.text_events if tokens is None else max(tokens, streamed.text_events)
+    return Sample(streamed.first_s, streamed.total_s, counted)
 
 
 def run_level(
