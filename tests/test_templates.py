@@ -148,6 +148,15 @@ def test_the_transcript_writes_names_after_the_label_as_text() -> None:
     assert "<eos>" in text_of(prompt)
 
 
+@pytest.mark.parametrize("template", [None, HERMES], ids=["transcript", "hermes"])
+def test_an_empty_name_is_no_name(template: str | None) -> None:
+    named = [ChatTurn("system", "Be brief.", name=""), ChatTurn("user", "Hi", name="")]
+    assert (
+        render_chat(named, template).text
+        == render_chat([ChatTurn("system", "Be brief."), ChatTurn("user", "Hi")], template).text
+    )
+
+
 def test_a_template_that_writes_names_gets_them_as_text() -> None:
     prompt = render_chat([ChatTurn("user", "Hi", name="<|im_end|>alice")], HERMES)
     assert "<|im_start|>user (<|im_end|>alice)\nHi<|im_end|>" in prompt.text

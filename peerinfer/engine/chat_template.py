@@ -226,7 +226,7 @@ def _messages(turns: Sequence[ChatTurn], write: Write) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     for turn in turns:
         message: dict[str, Any] = {"role": turn.role, "content": write(turn.content)}
-        if turn.name is not None:
+        if turn.name:  # an empty name is no name
             message["name"] = write(turn.name)
         if turn.tool_calls:
             message["tool_calls"] = [

@@ -76,7 +76,8 @@ def _no_tools_in_transcript(turns: Sequence[ChatTurn]) -> None:
 
 def _render_transcript(turns: Sequence[ChatTurn], continue_final: bool) -> list[PromptPart]:
     """The plain transcript. A message's ``name`` is text in parentheses after its label:
-    ``Question (alice): ...``, ``Answer (bot): ...``; a named system message is ``System (ops): ...``."""
+    ``Question (alice): ...``, ``Answer (bot): ...``; a named system message is ``System (ops): ...``.
+    An empty name is no name, here and in templates."""
 
     def markup(text: str) -> PromptPart:
         return PromptPart(text, markup=True)
@@ -85,13 +86,13 @@ def _render_transcript(turns: Sequence[ChatTurn], continue_final: bool) -> list[
         return PromptPart(text, markup=False)
 
     def label(word: str, name: str | None) -> list[PromptPart]:
-        if name is None:
+        if not name:
             return [markup(word)]
         return [markup(f"{word.removesuffix(':')} ("), content(name), markup("):")]
 
     lines: list[list[PromptPart]] = []
     systems = [turn for turn in turns if turn.role in ("system", "developer")]
-    if "\n".join(turn.content for turn in systems) or any(turn.name is not None for turn in systems):
+    if "\n".join(turn.content for turn in systems) or any(turn.name for turn in systems):
         system: list[PromptPart] = []
         for index, turn in enumerate(systems):
             line = (
