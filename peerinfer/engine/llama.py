@@ -560,7 +560,7 @@ class LlamaEngine:
             n_ctx=backend.n_ctx_per_slot,
             slots=settings.slots,
             n_threads=settings.n_threads,
-            chat_template=backend.chat_template,
+            chat_template=backend.chat_template if settings.chat_template_text is None else settings.chat_template_text,
             bos_token=backend.bos_token,
             eos_token=backend.eos_token,
             n_vocab=backend.n_vocab,
