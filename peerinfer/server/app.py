@@ -324,7 +324,10 @@ def _add_routes(app: FastAPI, state: WorkerState) -> None:
             return await state.completions.serve(parsed, request.receive)
 
         @app.post(
-            prefix + "/responses", openapi_extra=openapi.request_body(ResponsesRequest), include_in_schema=documented
+            prefix + "/responses",
+            openapi_extra=openapi.request_body(ResponsesRequest),
+            responses=openapi.RESPONSES_API_RESPONSES,
+            include_in_schema=documented,
         )
         async def responses(request: Request) -> Response:
             _check_api_key(state, request)

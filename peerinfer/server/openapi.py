@@ -54,6 +54,13 @@ def completion_responses(answer: type[BaseModel]) -> dict[int | str, dict[str, A
 
 CHAT_RESPONSES = completion_responses(wire.ChatCompletion)
 COMPLETION_RESPONSES = completion_responses(wire.TextCompletion)
+RESPONSES_API_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The Response, or with `stream` an SSE stream of typed events (`response.created`, ...).",
+        "content": {**ANY_JSON, "text/event-stream": {"schema": SSE_EVENT}},
+    },
+    **errors(400, 401, 408, 413, 415, 503),
+}
 MODELS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The loaded model.", "content": ANY_JSON},
     **errors(400, 401, 503),
