@@ -174,6 +174,10 @@ def _check_pattern(pattern: object, path: str) -> None:
         raise refuse(path, f"has {len(pattern)} characters; at most {MAX_PATTERN_CHARS} are allowed")
     if not (pattern.startswith("^") and pattern.endswith("$")):
         raise refuse(path, 'must start with "^" and end with "$" (the grammar matches the whole string)')
+    try:
+        re.compile(pattern[1:-1])
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise refuse(path, f"is not a valid regular expression ({exc})") from exc
     if "(?" in pattern:
         raise refuse(path, "uses (?...) groups (lookarounds, named or non-capturing groups), which are not supported")
     for low, high in _QUANTIFIER.findall(pattern):
