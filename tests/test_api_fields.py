@@ -374,3 +374,35 @@ def test_routes_without_v1_stay_out_of_the_schema(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert "/v1/chat/completions" in paths and "/v1/models/{model_id}" in paths
     assert "/chat/completions" not in paths and "/models" not in paths
+
+
+CALL = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture(scope="module")
+def tool_client() -> Iterator[TestClient]:
+    template = (wire.__file__.rsplit("/peerinfer/", 1)[0] + "/tests/templates/hermes_tools.jinja").replace("\\", "/")
+    with open(template, encoding="utf-8") as handle:
+        engine = FakeEngine(lambda prompt: CALL, n_ctx=2048, chat_template=handle.read())
+    app = create_app(worker_settings(n_ctx=2048), engine)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as test_client:
+        while test_client.get("/health").status_code != 200:
+            time.sleep(0.01)
+        yield test_client
+
+
+def test_a_tool_call_comes_back_as_tool_calls_streamed_and_not(tool_client: TestClient) -> None:
+    body = {"messages": USER, "tools": TOOLS}
+    choice = tool_client.post(CHAT, json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    streamed = chunks(tool_client, CHAT, body)
+    deltas = [c for chunk in streamed for c in chunk["choices"] if c["delta"].get("tool_calls")]
+    assert [d["delta"]["tool_calls"][0]["function"]["name"] for d in deltas] == ["weather"]
+    assert deltas[0]["delta"]["tool_calls"][0]["index"] == 0
+    assert streamed[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert "".join(c["delta"].get("content", "") for chunk in streamed for c in chunk["choices"]) == ""
