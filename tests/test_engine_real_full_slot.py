@@ -93,7 +93,7 @@ def test_the_backend_puts_no_throw_away_row_past_a_full_slot_and_refuses_a_row_p
     # Slot 1 sits between 0 and 2, with no cell left: offered for a throw-away row it must be passed over.
     sampled = backend.decode([SlotWork(0, FIRST, 0, True), SlotWork(2, THIRD, 0, True)], {1: N_CTX})
     assert set(sampled) == {0, 2}
-    alone = backend.decode([SlotWork(0, [sampled[0]], len(FIRST), True)], {1: N_CTX, 2: len(THIRD)})
+    alone = backend.decode([SlotWork(0, [sampled[0].token], len(FIRST), True)], {1: N_CTX, 2: len(THIRD)})
     assert set(alone) == {0}
     with pytest.raises(EngineError, match=f"do not fit its {N_CTX}-token context"):
         backend.decode([SlotWork(1, [5], N_CTX, True)], {})
