@@ -392,3 +392,16 @@ def test_log_softmax_top_sorts_ties_by_token_id_and_puts_the_argmax_first() -> N
     _, everything = log_softmax_top(row, 0, 20)  # k above the vocabulary: all of it
     assert len(everything) == 6
     assert sum(math.exp(logprob) for _, logprob in everything) == pytest.approx(1.0)
+
+
+def test_log_softmax_top_matches_a_full_sort_near_the_top_and_far_from_it() -> None:
+    from peerinfer.engine.llama import log_softmax_top
+
+    rng = np.random.default_rng(3)
+    spread = np.array([0.0, 20.0, 40.0, 60.0, 60.0], dtype=np.float32)  # the 2nd best is 20 logits down
+    for row in (rng.standard_normal(5000).astype(np.float32) * 4, spread):
+        for k in (1, 3, 5):
+            _, top = log_softmax_top(row, 0, k)
+            expected = sorted(range(len(row)), key=lambda token: (-float(row[token]), token))[:k]
+            assert [token for token, _ in top] == expected
+            assert [logprob for _, logprob in top] == sorted((logprob for _, logprob in top), reverse=True)

@@ -324,3 +324,14 @@ def test_seeded_followers_sample_their_own_streams(real_engine: Engine) -> None:
     assert len({a.text for a in answers}) > 1
     again = [one(real_engine, prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=100 + i)) for i in range(4)]
     assert [a.text for a in answers] == [a.text for a in again]
+
+
+def test_greedy_under_a_grammar_picks_what_the_whole_vocabulary_would(real_engine: Engine) -> None:
+    # Greedy alone checks the grammar against the likeliest tokens only; a chain (here a bias of 0, which
+    # changes nothing) takes llama.cpp's path over the whole vocabulary. The two must agree.
+    grammar = real_engine.json_grammar(PET_SCHEMA)
+    prompt = "Question: Describe a small dog.\nAnswer:"
+    fast = one(real_engine, prompt, SamplingParams(max_tokens=60, temperature=0.0, grammar=grammar, logprobs=1))
+    whole = SamplingParams(max_tokens=60, temperature=0.0, grammar=grammar, logprobs=1, logit_bias=((7, 0.0),))
+    assert fast.text == one(real_engine, prompt, whole).text
+    assert matches_pet_schema(json.loads(fast.text))
