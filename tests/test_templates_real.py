@@ -213,3 +213,19 @@ def test_control_token_text_in_a_tool_definition_never_becomes_a_control_token(h
     tokens = engine.tokenize(prompt.parts, add_bos=prompt.add_bos)
     assert end_of_turn[0] not in tokens
     assert eos[0] not in tokens
+
+
+def test_langchain_bind_tools_gets_the_forced_call_through_a_tools_template(hermes: Served) -> None:
+    """LangChain's ``bind_tools`` (the issue: it quietly returned nothing) gets a parsed tool call."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    chat = ChatOpenAI(base_url=hermes.url + "/v1", api_key="unused", model="m", temperature=0, max_tokens=40)
+    message = chat.bind_tools([get_weather], tool_choice="required").invoke("What is the weather in Paris?")
+    assert [call["name"] for call in message.tool_calls] == ["get_weather"]
+    assert isinstance(message.tool_calls[0]["args"]["city"], str)
