@@ -165,7 +165,8 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
     (COMPLETIONS, {"prompt": [[1, 2]]}, "prompt", "token ids"),
     (COMPLETIONS, {**PROMPT, "n": 3}, "n", "at most 2 answers"),
     (COMPLETIONS, {**PROMPT, "messages": USER}, "messages", "not a field"),
-    (COMPLETIONS, {**PROMPT, "response_format": {"type": "json_object"}}, "response_format", "not a field"),
+    (COMPLETIONS, {**PROMPT, "response_format": {"type": "json_schema"}}, "response_format.json_schema", "needs"),
+    (COMPLETIONS, {**PROMPT, "response_format": {"type": "xml"}}, "response_format.type", "'json_schema'"),
 ]
 
 

@@ -189,3 +189,31 @@ def test_tools_on_a_model_without_a_tool_template_are_a_400(real_worker: str) ->
     with pytest.raises(openai.BadRequestError) as caught:
         ask(real_worker, tools=tools, tool_choice="required")
     assert "cannot express tools" in str(caught.value)
+
+
+def test_json_mode_with_logprobs_streamed_equals_whole(real_worker: str) -> None:
+    """At temperature 0 a constrained answer and its log-probabilities are the same streamed and whole."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
+    fields: dict[str, Any] = {"response_format": response_format, "max_tokens": 48, "logprobs": True, "top_logprobs": 3}
+    whole = ask(real_worker, "Paris as JSON.", **fields).choices[0]
+    text, entries = ask_streamed(real_worker, "Paris as JSON.", **fields)
+    assert text == whole.message.content
+    assert whole.logprobs is not None and whole.logprobs.content
+    assert [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in entries] == [
+        (e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in whole.logprobs.content
+    ]
+    json.loads(whole.message.content)
+
+
+def test_completions_take_response_format_too(real_worker: str) -> None:
+    """An extension (vLLM's): a raw prompt's completion constrained to a JSON schema."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
+    answer = client(real_worker).completions.create(
+        model="gemma",
+        prompt="Paris as JSON:",
+        max_tokens=48,
+        temperature=0,
+        extra_body={"response_format": response_format},
+    )
+    value = json.loads(answer.choices[0].text)
+    assert set(value) == {"city", "population"} and type(value["population"]) is int

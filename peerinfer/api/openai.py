@@ -289,6 +289,8 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    # An extension (vLLM takes it on completions too): JSON mode and JSON schemas for a raw prompt.
+    response_format: ResponseFormat | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -318,6 +320,7 @@ class CompletionRequest(SamplingFields):
                 "drop one of them",
                 param="echo",
             )
+        _check_response_format(self.response_format)
         return self
 
     @property

@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-import anyio
 from fastapi.responses import Response
 from starlette.types import Receive
 
@@ -41,19 +40,6 @@ class ChatServing:
             logprobs=request.logprobs_top is not None,
         )
 
-    async def grammar(self, response_format: wire.ResponseFormat | None) -> str | None:
-        """The GBNF a ``response_format`` asks for; a schema the converter cannot express is a 400."""
-        if response_format is None or response_format.type == "text":
-            return None
-        if response_format.type == "json_object" or response_format.json_schema is None:
-            return self.core.engine.json_grammar(None)
-        schema = response_format.json_schema.schema_ or {}
-        try:
-            # A big schema takes a while to convert: not on the loop.
-            return await anyio.to_thread.run_sync(self.core.engine.json_grammar, schema)
-        except RequestError as exc:
-            raise RequestError(exc.message, param="response_format.json_schema.schema") from exc
-
     async def job(self, request: wire.ChatCompletionRequest) -> Job:
         """Checks, renders and tokenises ``request``; raises ``RequestError`` before anything is queued."""
         core = self.core
@@ -69,7 +55,7 @@ class ChatServing:
                 'one of response_format and tools (or tool_choice: "none")',
                 param="response_format",
             )
-        grammar = await self.grammar(request.response_format)
+        grammar = await core.grammar(request.response_format)
         turns = [_turn(message) for message in request.messages]
 
         def render() -> ChatPrompt:

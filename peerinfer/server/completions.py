@@ -31,7 +31,8 @@ class CompletionServing:
     async def job(self, request: wire.CompletionRequest) -> Job:
         core = self.core
         limit = max_tokens(request.max_tokens, wire.COMPLETIONS_DEFAULT_MAX_TOKENS, core.settings.max_tokens_cap)
-        choices = core.sampling(request, limit=limit, stops=request.stops, logprobs=request.logprobs)
+        grammar = await core.grammar(request.response_format)
+        choices = core.sampling(request, limit=limit, stops=request.stops, grammar=grammar, logprobs=request.logprobs)
         text = request.prompt_text
         if request.parse_special:
             bos = core.engine.info.bos_token

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import anyio
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive
 
@@ -132,6 +133,19 @@ class Serving:
         )
         seeds = [None if request.seed is None else request.seed + index for index in range(request.choices)]
         return tuple(replace(first, seed=seed) for seed in seeds)
+
+    async def grammar(self, response_format: wire.ResponseFormat | None) -> str | None:
+        """The GBNF a ``response_format`` asks for; a schema the converter cannot express is a 400."""
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object" or response_format.json_schema is None:
+            return self.engine.json_grammar(None)
+        schema = response_format.json_schema.schema_ or {}
+        try:
+            # A big schema takes a while to convert: not on the loop.
+            return await anyio.to_thread.run_sync(self.engine.json_grammar, schema)
+        except RequestError as exc:
+            raise RequestError(exc.message, param="response_format.json_schema.schema") from exc
 
     def start(self, job: Job) -> Answer:
         """Submits the job's choices (all or none: ``OverloadedError`` when they do not all fit)."""
