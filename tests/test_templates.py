@@ -15,7 +15,7 @@ from peerinfer.engine.prompt import (
     ChatPrompt,
     ChatTurn,
     PromptPart,
-    ToolCallSpec,
+    ToolCall,
     render_chat,
 )
 from peerinfer.errors import ConfigError, RequestError
@@ -187,7 +187,7 @@ def test_the_transcript_has_no_tool_role() -> None:
 
 
 def test_the_transcript_has_no_earlier_tool_calls() -> None:
-    call = ToolCallSpec("call_1", "get_weather", '{"city": "Paris"}')
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
     turns = [ChatTurn("user", "Weather?"), ChatTurn("assistant", "", tool_calls=(call,)), ChatTurn("user", "And?")]
     with pytest.raises(RequestError, match="no tool calls") as refused:
         render_chat(turns, None)
@@ -246,7 +246,7 @@ def test_without_tools_the_same_template_writes_no_tools_and_no_syntax() -> None
 
 
 def test_earlier_calls_and_tool_results_are_written_as_hermes_writes_them() -> None:
-    call = ToolCallSpec("call_1", "get_weather", '{"city": "Paris", "days": [1, 2]}')
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris", "days": [1, 2]}')
     turns = [
         ChatTurn("user", "Weather in Paris?"),
         ChatTurn("assistant", "", tool_calls=(call,)),
@@ -263,7 +263,7 @@ def test_earlier_calls_and_tool_results_are_written_as_hermes_writes_them() -> N
 
 
 def test_arguments_that_are_not_a_json_object_are_written_as_the_text_they_are() -> None:
-    call = ToolCallSpec("call_1", "get_weather", "not json")
+    call = ToolCall("call_1", "get_weather", "not json")
     turns = [ChatTurn("user", "Hi"), ChatTurn("assistant", "", tool_calls=(call,)), ChatTurn("tool", "x")]
     assert '"arguments": "not json"}' in render_chat(turns, HERMES, tools=[WEATHER]).text
 
@@ -295,7 +295,7 @@ def test_every_string_of_a_tool_definition_is_text_never_markup(forged: str) -> 
 
 @pytest.mark.parametrize("forged", FORGERIES)
 def test_every_string_of_an_earlier_call_and_of_a_tool_result_is_text(forged: str) -> None:
-    call = ToolCallSpec(f"call_{forged}", f"get_weather{forged}", json.dumps({forged: forged}))
+    call = ToolCall(f"call_{forged}", f"get_weather{forged}", json.dumps({forged: forged}))
     turns = [
         ChatTurn("user", "Weather?"),
         ChatTurn("assistant", forged, tool_calls=(call,)),
@@ -303,7 +303,7 @@ def test_every_string_of_an_earlier_call_and_of_a_tool_result_is_text(forged: st
     ]
     offered = tool(f"get_weather{forged}", "Weather", {"type": "object", "properties": {}})
     prompt = render_chat(turns, HERMES, tools=[offered])
-    plain_call = ToolCallSpec("call_w", "get_weatherw", json.dumps({"w": "w"}))
+    plain_call = ToolCall("call_w", "get_weatherw", json.dumps({"w": "w"}))
     plain = [
         turns[0],
         ChatTurn("assistant", "w", tool_calls=(plain_call,)),
@@ -343,11 +343,11 @@ def test_deeply_nested_tools_are_a_400_not_a_crash() -> None:
 
 
 def test_deeply_nested_arguments_of_an_earlier_call_are_a_400_or_text_not_a_crash() -> None:
-    turns = [ChatTurn("user", "Hi"), ChatTurn("assistant", "", tool_calls=(ToolCallSpec("c", "f", "[" * 100000),))]
+    turns = [ChatTurn("user", "Hi"), ChatTurn("assistant", "", tool_calls=(ToolCall("c", "f", "[" * 100000),))]
     prompt = render_chat([*turns, ChatTurn("tool", "ok")], HERMES, tools=[tool("f")])
     assert "[" * 100000 in text_of(prompt)
     nested = '{"a":' * 500 + "1" + "}" * 500
-    turns = [ChatTurn("user", "Hi"), ChatTurn("assistant", "", tool_calls=(ToolCallSpec("c", "f", nested),))]
+    turns = [ChatTurn("user", "Hi"), ChatTurn("assistant", "", tool_calls=(ToolCall("c", "f", nested),))]
     with pytest.raises(RequestError, match="deeper than"):
         render_chat([*turns, ChatTurn("tool", "ok")], HERMES, tools=[tool("f")])
 

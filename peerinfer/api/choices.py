@@ -12,16 +12,10 @@ from typing import Any, Literal, Protocol
 
 from peerinfer.engine.base import TokenLogprob
 
+# One type for a call, whichever side wrote it (the model now, or an assistant message earlier).
+from peerinfer.engine.chat_types import ToolCall as ToolCall
+
 FinishReason = Literal["stop", "length", "tool_calls"]
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One call of a function the request offered; ``arguments`` is JSON text, as OpenAI sends it."""
-
-    id: str
-    name: str
-    arguments: str
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class ToolCallSpec:
-    """A tool call an assistant message made earlier: ``arguments`` is JSON text, as OpenAI sends it."""
+class ToolCall:
+    """A call of a function the request offered, made by the model now or by an assistant message earlier:
+    ``arguments`` is JSON text, as OpenAI sends it."""
 
     id: str
     name: str
@@ -25,7 +26,7 @@ class ChatTurn:
     role: str
     content: str
     name: str | None = None
-    tool_calls: tuple[ToolCallSpec, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
 
 

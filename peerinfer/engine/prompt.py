@@ -24,7 +24,7 @@ from peerinfer.engine.chat_types import (
     ChatTurn,
     ControlToken,
     PromptPart,
-    ToolCallSpec,
+    ToolCall,
     ToolSyntax,
 )
 from peerinfer.errors import RequestError
@@ -35,7 +35,7 @@ __all__ = [
     "ChatTurn",
     "ControlToken",
     "PromptPart",
-    "ToolCallSpec",
+    "ToolCall",
     "ToolSyntax",
     "markup_of",
     "render_chat",

@@ -15,7 +15,7 @@ from starlette.types import Receive
 
 from peerinfer.api import openai as wire
 from peerinfer.api.formats import ChatFormat
-from peerinfer.engine.chat_types import ToolCallSpec
+from peerinfer.engine.chat_types import ToolCall
 from peerinfer.engine.prompt import ChatPrompt, ChatTurn, render_chat
 from peerinfer.engine.tool_calls import ToolCallParser, function_names, tool_call_grammar, tools_to_render
 from peerinfer.errors import RequestError
@@ -83,9 +83,7 @@ class ChatServing:
 
 
 def _turn(message: wire.ChatMessage) -> ChatTurn:
-    calls = tuple(
-        ToolCallSpec(call.id, call.function.name, call.function.arguments) for call in message.tool_calls or ()
-    )
+    calls = tuple(ToolCall(call.id, call.function.name, call.function.arguments) for call in message.tool_calls or ())
     return ChatTurn(message.role, message.text, name=message.name, tool_calls=calls, tool_call_id=message.tool_call_id)
 
 
