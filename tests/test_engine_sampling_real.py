@@ -335,3 +335,30 @@ def test_greedy_under_a_grammar_picks_what_the_whole_vocabulary_would(real_engin
     whole = SamplingParams(max_tokens=60, temperature=0.0, grammar=grammar, logprobs=1, logit_bias=((7, 0.0),))
     assert fast.text == one(real_engine, prompt, whole).text
     assert matches_pet_schema(json.loads(fast.text))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=40, temperature=0.0),
+        SamplingParams(max_tokens=40, temperature=1.0, seed=7),  # dist over the whole row: no top_k
+        SamplingParams(max_tokens=40, temperature=0.8, top_k=40, top_p=0.9, seed=3),
+    ],
+    ids=["greedy", "dist", "top-k-top-p"],
+)
+def test_the_tokens_a_grammar_state_allows_are_kept_without_changing_an_answer(
+    real_engine: Engine, params: SamplingParams
+) -> None:
+    """A schema forces ``{"`` and its first key, which the model finds unlikely: the whole vocabulary is
+    scanned once per such state, then only the tokens it allowed are offered. The answers are the same."""
+    backend = real_engine._backend  # type: ignore[attr-defined]
+    grammar = real_engine.json_grammar(PET_SCHEMA)
+    constrained = replace(params, grammar=grammar, logprobs=2)
+    prompt = "Question: Describe a small dog.\nAnswer:"
+    backend._allowed_by_state.clear()
+    cold = one(real_engine, prompt, constrained)
+    assert backend._allowed_by_state, "the forced start of the answer was scanned and kept"
+    warm = one(real_engine, prompt, constrained)
+    assert warm.text == cold.text
+    assert warm.logprobs == cold.logprobs
+    assert cold.text.startswith("{")

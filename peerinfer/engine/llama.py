@@ -31,8 +31,9 @@ import math
 import os
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +74,32 @@ _CANDIDATE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32
 assert _CANDIDATE.itemsize == ctypes.sizeof(lc.llama_token_data)
 
 
+# A grammar's state is a function of its text and the tokens accepted into it. Where the grammar
+# forces a literal (``{"topic": "`` at the start of a schema's answer), the model's likely tokens are
+# all refused and the whole vocabulary is scanned (~35 ms): the tokens it allows there are kept, per
+# state, for the states of an answer's first tokens, where every answer to a schema passes alike.
+_STATE_CACHE_TOKENS = 32  # accepted tokens up to which a state is cached
+_STATE_CACHE_ALLOWED = 4096  # a state that allows more tokens than this is not kept
+_STATE_CACHE_SIZE = 1024
+
+
 @dataclass
 class _SlotSampler:
-    """A slot's sampling state: ``chain`` None is a plain argmax; ``grammar`` None is unconstrained."""
+    """A slot's sampling state: ``chain`` None is a plain argmax; ``grammar`` None is unconstrained.
+
+    ``grammar_text`` and ``accepted`` (the tokens accepted into the grammar) name its state."""
 
     chain: Any
     grammar: Any
     logprobs: int | None
+    grammar_text: str = ""
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def state(self) -> tuple[str, tuple[int, ...]] | None:
+        if len(self.accepted) > _STATE_CACHE_TOKENS:
+            return None
+        return self.grammar_text, tuple(self.accepted)
 
     def free(self) -> None:
         for sampler in (self.chain, self.grammar):
@@ -201,6 +221,7 @@ class LlamaBackend:
         self.batch = lc.llama_batch_init(max_rows, 0, 1)
         self._samplers: dict[int, _SlotSampler] = {}  # one entry per slot in use
         self._candidates = np.zeros(self.n_vocab, dtype=_CANDIDATE)
+        self._allowed_by_state: OrderedDict[tuple[str, tuple[int, ...]], np.ndarray[Any, Any]] = OrderedDict()
         self._token_ids = np.arange(self.n_vocab, dtype=np.int32)
         self._scratch = np.empty(self.n_vocab, dtype=np.float32)
         self._one = (lc.llama_token_data * 1)()
@@ -260,7 +281,7 @@ class LlamaBackend:
         old = self._samplers.pop(slot, None)
         if old is not None:
             old.free()
-        sampler = _SlotSampler(self._chain(params), None, params.logprobs)
+        sampler = _SlotSampler(self._chain(params), None, params.logprobs, params.grammar or "")
         if params.grammar is not None:
             sampler.grammar = lc.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
             if not sampler.grammar:
@@ -325,36 +346,59 @@ class LlamaBackend:
     def _sample_constrained(self, sampler: _SlotSampler, index: int) -> int | None:
         """Sample with the chain, checked by the grammar; None if the grammar allows nothing the chain picks."""
         if sampler.chain is None:
-            token = self._greedy_constrained(sampler.grammar, index)
+            token = self._greedy_constrained(sampler, index)
         else:
             token = self._apply_chain(sampler.chain, index, None)
             if token is None or not self._allowed(sampler.grammar, token):
-                token = self._apply_chain(sampler.chain, index, sampler.grammar)
+                token = self._apply_chain(sampler.chain, index, sampler)
         if token is None or not self._allowed(sampler.grammar, token):
             return None
         if sampler.chain is not None:
             lc.llama_sampler_accept(sampler.chain, token)
         if not self.is_end(token):  # the slot ends on it; llama.cpp's grammar would abort on an unfinished one
             lc.llama_sampler_accept(sampler.grammar, token)
+            sampler.accepted.append(token)
         return token
 
-    def _greedy_constrained(self, grammar: Any, index: int) -> int | None:
+    def _allowed_ids(self, sampler: _SlotSampler) -> np.ndarray[Any, Any] | None:
+        """The tokens the slot's grammar allows now, if its state was scanned before (see ``_STATE_CACHE_TOKENS``)."""
+        state = sampler.state
+        if state is None or state not in self._allowed_by_state:
+            return None
+        self._allowed_by_state.move_to_end(state)
+        return self._allowed_by_state[state]
+
+    def _remember_allowed(self, sampler: _SlotSampler, ids: np.ndarray[Any, Any]) -> None:
+        state = sampler.state
+        if state is None or len(ids) > _STATE_CACHE_ALLOWED:
+            return
+        self._allowed_by_state[state] = ids.copy()
+        while len(self._allowed_by_state) > _STATE_CACHE_SIZE:
+            self._allowed_by_state.popitem(last=False)
+
+    def _greedy_constrained(self, sampler: _SlotSampler, index: int) -> int | None:
         """The most likely token that ``grammar`` allows (lowest id among equals), as a greedy chain would pick.
 
         The grammar sees the argmax alone first, then the ~``_GRAMMAR_FIRST`` most likely tokens: when
         one of them is allowed the best of them is the best of all (every other token is less likely),
         and the grammar never goes over the 262k others (~25 ms). Only if none is allowed does it.
         """
+        grammar = sampler.grammar
         row = self.logits(index)
         token = int(row.argmax())
         if self._allowed(grammar, token):
             return token
+        known = self._allowed_ids(sampler)
+        if known is not None:
+            return self._best_allowed(grammar, known, row[known])
         kth = np.partition(row, self.n_vocab - _GRAMMAR_FIRST)[self.n_vocab - _GRAMMAR_FIRST]
         ids = np.flatnonzero(row >= kth).astype(np.int32)  # the ties of the last one too
         best = self._best_allowed(grammar, ids, row[ids])
         if best is not None:
             return best
-        return self._best_allowed(grammar, self._token_ids, row)
+        best = self._best_allowed(grammar, self._token_ids, row)
+        self._remember_allowed(sampler, self._candidates["id"][np.isfinite(self._candidates["logit"])])
+        return best
 
     def _best_allowed(self, grammar: Any, ids: np.ndarray[Any, Any], logits: np.ndarray[Any, Any]) -> int | None:
         candidates = self._candidates[: len(ids)]
@@ -369,20 +413,28 @@ class LlamaBackend:
             return None
         return int(candidates["id"][allowed == high].min())
 
-    def _apply_chain(self, chain: Any, index: int, grammar: Any) -> int | None:
-        """Apply (``grammar`` first, if given, then) ``chain`` to the whole logits row; the token it selects.
+    def _apply_chain(self, chain: Any, index: int, constrained: _SlotSampler | None) -> int | None:
+        """Apply (the ``constrained`` slot's grammar first, if given, then) ``chain`` to the logits row; the
+        token it selects. Where the grammar's state was scanned before, only the tokens it allowed are offered
+        (the same draw: the others would have had no probability).
 
         Nothing is accepted: the caller accepts the token once the grammar allowed it.
         """
-        candidates = self._candidates
-        candidates["id"] = self._token_ids
-        candidates["logit"] = self.logits(index)
+        row = self.logits(index)
+        known = self._allowed_ids(constrained) if constrained is not None else None
+        ids = self._token_ids if known is None else known
+        candidates = self._candidates[: len(ids)]
+        candidates["id"] = ids
+        candidates["logit"] = row if known is None else row[known]
         candidates["p"] = 0.0
-        array = lc.llama_token_data_array(candidates.ctypes.data_as(lc.llama_token_data_p), self.n_vocab, -1, False)
-        if grammar is not None:
-            lc.llama_sampler_apply(grammar, ctypes.byref(array))
-            if not np.isfinite(candidates["logit"]).any():
+        array = lc.llama_token_data_array(candidates.ctypes.data_as(lc.llama_token_data_p), len(ids), -1, False)
+        if constrained is not None:
+            lc.llama_sampler_apply(constrained.grammar, ctypes.byref(array))
+            finite = np.isfinite(candidates["logit"])
+            if not finite.any():
                 return None
+            if known is None:
+                self._remember_allowed(constrained, candidates["id"][finite])
         lc.llama_sampler_apply(chain, ctypes.byref(array))
         if not 0 <= array.selected < array.size:
             return None
