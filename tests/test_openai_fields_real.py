@@ -217,3 +217,22 @@ def test_completions_take_response_format_too(real_worker: str) -> None:
     )
     value = json.loads(answer.choices[0].text)
     assert set(value) == {"city", "population"} and type(value["population"]) is int
+
+
+def test_a_length_finish_never_ends_in_the_start_of_the_transcripts_turn_marker(real_worker: str) -> None:
+    """The issue's "…source of light.\\nQuestion": the base model writes the next ``Question:`` itself, and
+    an answer cut by ``max_tokens`` inside that marker must not show the part it had written."""
+    from peerinfer.engine.prompt import TRANSCRIPT_STOPS
+
+    starts = tuple({stop[:size] for stop in TRANSCRIPT_STOPS for size in range(1, len(stop))})
+    whole = ask(real_worker, "Why is the sky blue?", max_tokens=200)
+    assert whole.choices[0].finish_reason == "stop"  # at the transcript's next "\nQuestion:"
+    tokens = whole.usage.completion_tokens
+    answer = whole.choices[0].message.content
+    # The marker's tokens are the last ones generated: a limit among them cuts inside it.
+    cuts = [ask(real_worker, "Why is the sky blue?", max_tokens=limit).choices[0] for limit in range(tokens - 3, tokens)]
+    for cut in cuts:
+        assert cut.finish_reason == "length"
+        assert answer.startswith(cut.message.content)
+        assert not cut.message.content.endswith(starts), cut.message.content
+    assert any(cut.message.content == answer for cut in cuts), "no limit cut inside the marker"
