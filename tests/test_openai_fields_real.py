@@ -230,7 +230,9 @@ def test_a_length_finish_never_ends_in_the_start_of_the_transcripts_turn_marker(
     tokens = whole.usage.completion_tokens
     answer = whole.choices[0].message.content
     # The marker's tokens are the last ones generated: a limit among them cuts inside it.
-    cuts = [ask(real_worker, "Why is the sky blue?", max_tokens=limit).choices[0] for limit in range(tokens - 3, tokens)]
+    cuts = [
+        ask(real_worker, "Why is the sky blue?", max_tokens=limit).choices[0] for limit in range(tokens - 3, tokens)
+    ]
     for cut in cuts:
         assert cut.finish_reason == "length"
         assert answer.startswith(cut.message.content)
