@@ -22,8 +22,7 @@ import secrets
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
-from peerinfer.engine.chat_types import ToolCall
-from peerinfer.engine.chat_types import ToolSyntax
+from peerinfer.engine.chat_types import ToolCall, ToolSyntax
 from peerinfer.engine.text import held_back_suffix_length
 from peerinfer.errors import RequestError
 
