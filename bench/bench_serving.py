@@ -513,6 +513,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--n-ctx", type=int, default=2048, help="context per stream")
     parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--model", type=Path, default=None, help="a .gguf (default: the bundled model)")
     parser.add_argument("--only", default="", help="comma-separated systems to run (default: all found)")
     parser.add_argument("--quick", action="store_true", help="few requests; print, don't write RESULTS.md")
     parser.add_argument(
@@ -533,7 +534,7 @@ def main() -> int:
         parser.error(f"unknown features {sorted(unknown)}; choose from {', '.join(FEATURES)}")
     levels = [int(level) for level in args.levels.split(",")]
     total = 4 if args.quick else args.requests
-    model = open_model_file(None, Path.home() / ".cache" / "peerinfer").path
+    model = args.model or open_model_file(None, Path.home() / ".cache" / "peerinfer").path
     rows: list[Row] = []
     wanted = {name.strip() for name in args.only.split(",") if name.strip()}
 
