@@ -29,14 +29,80 @@ llama_version=$(sed -n 's/^llama-cpp-python==\([^ ;]*\).*/\1/p' requirements.txt
 cmake_args="${PEERINFER_CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 platform=$(.venv/bin/python -c 'import sys, sysconfig; print(sysconfig.get_platform(), sys.version_info[:2])')
 key=$(printf '%s|%s|%s' "$llama_version" "$cmake_args" "$platform" | sha256sum | cut -c1-16)
-wheel_dir="${PEERINFER_WHEEL_CACHE:-$HOME/.cache/peerinfer/wheels}/llama-cpp-python-$llama_version-$key"
+wheel_cache="${PEERINFER_WHEEL_CACHE:-$HOME/.cache/peerinfer/wheels}"
+wheel_dir="$wheel_cache/llama-cpp-python-$llama_version-$key"
+# An interrupted build leaves $work_dir (source, cmake's build tree, log); the next run resumes there.
+# $wheel_dir only ever receives a finished wheel, by rename, so a wheel found there is a whole one.
+work_dir="$wheel_dir.partial"
+# Wall time of a cold build on this project's 2-core VMs, measured; the estimate scales it by nproc.
+build_seconds_on_2_cores=400
 
-if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-  echo "setup: building llama-cpp-python $llama_version with CMAKE_ARGS='$cmake_args' (about 12 minutes, once)" >&2
+have_wheel() { ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; }
+
+build_wheel() {
+  rm -rf "$wheel_dir.tmp" # left by an interrupted run of an older setup.sh
+  local src="$work_dir/src/llama_cpp_python-$llama_version"
+  local log="$work_dir/build.log"
+  if [ -d "$work_dir/cmake" ] && [ -f "$src/pyproject.toml" ]; then
+    echo "setup: resuming the interrupted build of llama-cpp-python $llama_version in $work_dir" \
+      "(the percentages count the steps left)" >&2
+  else
+    local cores minutes measured
+    cores=$(nproc)
+    minutes=$(((build_seconds_on_2_cores * 2 / cores + 59) / 60))
+    printf -v measured '%dm%02ds' $((build_seconds_on_2_cores / 60)) $((build_seconds_on_2_cores % 60))
+    echo "setup: building llama-cpp-python $llama_version with CMAKE_ARGS='$cmake_args', once;" \
+      "estimate: about $minutes minutes on $cores cores (it took $measured on 2)" >&2
+  fi
+  if [ ! -f "$src/pyproject.toml" ]; then
+    rm -rf "$work_dir"
+    mkdir -p "$work_dir/sdist" "$work_dir/src.tmp"
+    "${pip[@]}" download --no-deps --no-binary :all: "llama-cpp-python==$llama_version" -d "$work_dir/sdist"
+    tar -xzf "$work_dir"/sdist/llama_cpp_python-*.tar.gz -C "$work_dir/src.tmp"
+    mv "$work_dir/src.tmp" "$work_dir/src" # a rename: $src exists only once it is whole
+    rm -rf "$work_dir/sdist"
+  fi
+  rm -rf "$work_dir/out"
+  echo "setup: the whole build log is $log" >&2
+  local started=$SECONDS interrupted=0
+  # Ctrl-C reaches pip, cmake and the compilers too; bash waits for them to stop, then says so.
+  trap 'interrupted=1' INT
+  # A build from a fixed source directory into a fixed build-dir is what lets cmake and ninja pick up
+  # where a killed build stopped (ninja redoes any step it had not logged as finished). The children
+  # inherit the lock on purpose: a compiler that outlives a killed setup.sh still writes into $work_dir.
+  if ! CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    .venv/bin/python -m pip --disable-pip-version-check wheel -v --no-deps --no-cache-dir \
+    --config-settings=build-dir="$work_dir/cmake" "$src" -w "$work_dir/out" 2>&1 |
+    .venv/bin/python scripts/build_progress.py --log "$log"; then
+    if [ "$interrupted" = 1 ]; then
+      echo "setup: interrupted; the next run resumes the build where it stopped" >&2
+      exit 130
+    fi
+    echo "setup: building llama-cpp-python failed; the last 40 lines of $log (cut at 500 columns):" >&2
+    tail -n 40 "$log" | cut -c1-500 >&2
+    echo "setup: the next run resumes this build; remove $work_dir to start it from scratch" >&2
+    exit 1
+  fi
+  trap - INT
   mkdir -p "$wheel_dir"
-  CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-    "${pip[@]}" wheel --no-deps --no-cache-dir "llama-cpp-python==$llama_version" -w "$wheel_dir.tmp"
-  mv "$wheel_dir".tmp/llama_cpp_python-*.whl "$wheel_dir"/ && rmdir "$wheel_dir.tmp"
+  mv "$work_dir"/out/llama_cpp_python-*.whl "$wheel_dir"/
+  rm -rf "$work_dir"
+  local took=$((SECONDS - started))
+  printf 'setup: built llama-cpp-python in %dm%02ds; cached in %s\n' $((took / 60)) $((took % 60)) "$wheel_dir" >&2
+}
+
+if ! have_wheel; then
+  mkdir -p "$wheel_cache"
+  # Two setups sharing one cache (two checkouts, parallel CI jobs) must not build into one work_dir.
+  exec 9>"$wheel_dir.lock"
+  if ! flock -n 9; then
+    echo "setup: another setup is building llama-cpp-python into $wheel_cache; waiting for it" >&2
+    flock 9
+  fi
+  if ! have_wheel; then build_wheel; fi # not `||`: bash ignores set -e inside a function called so
+  exec 9>&-
+elif [ -d "$work_dir" ]; then
+  rm -rf "$work_dir" # interrupted between the wheel's rename and the cleanup
 fi
 marker=.venv/.llama-cpp-python-build
 if [ "$(cat "$marker" 2>/dev/null)" != "$key" ]; then
