@@ -99,7 +99,7 @@ if ! have_wheel; then
     echo "setup: another setup is building llama-cpp-python into $wheel_cache; waiting for it" >&2
     flock 9
   fi
-  if ! have_wheel; then build_wheel; fi # not `||`: bash ignores set -e inside a function called so
+  if ! have_wheel; then build_wheel; fi # not "have_wheel || build_wheel": bash ignores set -e inside a function called that way
   exec 9>&-
 elif [ -d "$work_dir" ]; then
   rm -rf "$work_dir" # interrupted between the wheel's rename and the cleanup
