@@ -37,24 +37,27 @@ def token_text(piece: bytes) -> str:
         return "bytes:" + "".join(f"\\x{byte:02x}" for byte in piece)
 
 
-def _logprob(value: float) -> float:
+def finite_logprob(value: float) -> float:
+    """JSON has no -Infinity: the unlikeliest tokens get OpenAI's -9999.0."""
     return value if math.isfinite(value) and value > LOWEST_LOGPROB else LOWEST_LOGPROB
+
+
+def logprob_entry(entry: TokenLogprob) -> dict[str, Any]:
+    """One token's log-probability entry, as chat completions and the Responses API write it."""
+    return {
+        "token": token_text(entry.piece),
+        "logprob": finite_logprob(entry.logprob),
+        "bytes": list(entry.piece),
+        "top_logprobs": [
+            {"token": token_text(top.piece), "logprob": finite_logprob(top.logprob), "bytes": list(top.piece)}
+            for top in entry.top
+        ],
+    }
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
     """OpenAI's ``logprobs.content`` entries of chat completions."""
-    return [
-        {
-            "token": token_text(entry.piece),
-            "logprob": _logprob(entry.logprob),
-            "bytes": list(entry.piece),
-            "top_logprobs": [
-                {"token": token_text(top.piece), "logprob": _logprob(top.logprob), "bytes": list(top.piece)}
-                for top in entry.top
-            ],
-        }
-        for entry in entries
-    ]
+    return [logprob_entry(entry) for entry in entries]
 
 
 @dataclass
@@ -77,11 +80,11 @@ class LegacyLogprobs:
         part = LegacyLogprobs(self.position)
         for entry in entries:
             token = token_text(entry.piece)
-            top = {token_text(alternative.piece): _logprob(alternative.logprob) for alternative in entry.top}
-            top.setdefault(token, _logprob(entry.logprob))  # OpenAI's: the chosen token is always there
+            top = {token_text(alternative.piece): finite_logprob(alternative.logprob) for alternative in entry.top}
+            top.setdefault(token, finite_logprob(entry.logprob))  # OpenAI's: the chosen token is always there
             for target in (self, part):
                 target.tokens.append(token)
-                target.token_logprobs.append(_logprob(entry.logprob))
+                target.token_logprobs.append(finite_logprob(entry.logprob))
                 target.top_logprobs.append(top)
                 target.text_offset.append(self.position)
             self.position += len(self._decoder.decode(entry.piece))

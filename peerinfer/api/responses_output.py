@@ -14,14 +14,13 @@ waits for both the choice's end and the usage, whichever comes last.
 from __future__ import annotations
 
 import json
-import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from peerinfer.api.choices import AnswerUsage, ChoiceDelta, ChoiceEnd, KeepAlive, Outcome, ToolCall
-from peerinfer.api.formats import LOWEST_LOGPROB, token_text
+from peerinfer.api.formats import finite_logprob, logprob_entry, token_text
 from peerinfer.api.responses import ResponsesRequest
 from peerinfer.api.sse import KEEPALIVE
 from peerinfer.engine.base import TokenLogprob
@@ -40,35 +39,14 @@ def sse_event(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {data}\n\n".encode()
 
 
-def _token(piece: bytes) -> str:
-    # As on the chat endpoint: part of a UTF-8 character is written "bytes:\\xe0"; ``bytes`` are exact.
-    return token_text(piece)
-
-
-def _logprob(value: float) -> float:
-    # JSON has no -Infinity: the unlikeliest tokens get OpenAI's -9999.0, as on the chat endpoint.
-    return value if math.isfinite(value) and value > LOWEST_LOGPROB else LOWEST_LOGPROB
-
-
-def logprob_entry(logprob: TokenLogprob) -> dict[str, Any]:
-    """A token's entry in ``output_text.logprobs`` (the Response's shape, with ``bytes``)."""
-    return {
-        "token": _token(logprob.piece),
-        "bytes": list(logprob.piece),
-        "logprob": _logprob(logprob.logprob),
-        "top_logprobs": [
-            {"token": _token(top.piece), "bytes": list(top.piece), "logprob": _logprob(top.logprob)}
-            for top in logprob.top
-        ],
-    }
-
-
 def delta_logprob_entry(logprob: TokenLogprob) -> dict[str, Any]:
     """A token's entry in a ``response.output_text.delta`` event (OpenAI sends no ``bytes`` there)."""
     return {
-        "token": _token(logprob.piece),
-        "logprob": _logprob(logprob.logprob),
-        "top_logprobs": [{"token": _token(top.piece), "logprob": _logprob(top.logprob)} for top in logprob.top],
+        "token": token_text(logprob.piece),
+        "logprob": finite_logprob(logprob.logprob),
+        "top_logprobs": [
+            {"token": token_text(top.piece), "logprob": finite_logprob(top.logprob)} for top in logprob.top
+        ],
     }
 
 
