@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_serving import CACHE, Row, free_port, in_process, run_level, serve, worker_env, write_results  # noqa: E402
+from bench_serving import CACHE, Row, cpu_name, free_port, in_process, run_level, serve, worker_env, write_results  # noqa: E402
 
 from peerinfer.engine.gguf import GgufHeader, read_header  # noqa: E402
 from peerinfer.engine.model_files import open_model_file  # noqa: E402
@@ -143,14 +143,7 @@ def main() -> int:
     print(report)
     if not args.quick:
         command = ".venv/bin/python bench/bench_floor.py " + shlex.join(sys.argv[1:])
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            "unknown CPU",
-        )
+        cpu = cpu_name()
         title = "## How close to the machine (issue 14, part 4)" + (
             "" if args.section == "floor" else ": " + args.section
         )

@@ -119,6 +119,14 @@ class Row:
         }
 
 
+def cpu_name() -> str:
+    """The CPU's model name, for the results' machine line."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -560,14 +568,7 @@ def main() -> int:
         picture = f"\n\n![serving chart]({args.section}.png)" if len(levels) > 1 else ""
         if picture:
             chart(rows, REPO / "bench" / f"{args.section}.png")
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            "unknown CPU",
-        )
+        cpu = cpu_name()
         body = (
             f"## Serving (issues 2, 3 and 11){'' if args.section == 'serving' else ': ' + args.section}\n\n"
             f"Command: `{command.strip()}`\n\n"
