@@ -24,6 +24,8 @@ with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PeerInferError(Exception):
     """Root of every error peerinfer raises on purpose."""
@@ -103,12 +105,24 @@ class OverloadedError(PeerInferError):
 
 
 class ClientError(PeerInferError):
-    """Raised by the SDK: the worker could not be reached or answered with an error."""
+    """Raised by the SDK: the worker could not be reached or answered with an error.
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after: int | None = None) -> None:
+    ``status`` is the worker's HTTP status (None: no answer), ``error`` its OpenAI error object, checked
+    and bounded by the transport, so a gateway can hand a worker's 400 on to its own client.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: int | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.error = error
 
 
 class NoPeersError(ClientError):

@@ -7,23 +7,22 @@ honest worker is a real uvicorn with the fake engine and a real DHT node of its 
 
 from __future__ import annotations
 
+import asyncio
 import random
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 
-from peerinfer.client import routed
-from peerinfer.client.peer_http import PeerRejected
 from peerinfer.client.routed import RoutedClient
 from peerinfer.client.routing import Probe
 from peerinfer.engine.fake import FakeEngine
 from peerinfer.errors import NoPeersError
 from peerinfer.network.discovery import Discovery
 from peerinfer.network.identity import PeerIdentity
-from peerinfer.network.records import PeerRecord, model_key, select_live, sign_record
+from peerinfer.network.records import model_key, select_live, sign_record
 from tests.hostile_peer import FIRST_WORDS, HostilePeer
 from tests.network_support import (
     STORY,
@@ -184,17 +183,15 @@ def test_a_crowd_of_black_holes_claiming_free_slots_cannot_stretch_the_choice(ho
             assert len(hole.requests) - asked <= 4
 
 
-def test_the_deadline_ends_a_choice_among_probes_that_block_for_ever(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fake transport: each probe blocks until the test ends. Only the choice's deadline can stop it."""
-    released = threading.Event()
+def test_the_deadline_ends_a_choice_among_probes_that_block_for_ever() -> None:
+    """A fake transport: each probe blocks for ever. Only the choice's deadline can stop it."""
     calls: list[str] = []
 
-    def black_hole(record: PeerRecord, *, deadline: float, challenge: bool) -> Probe:
-        calls.append(record.peer_id)
-        released.wait()
-        raise PeerRejected("timeout", "released at the end of the test")
+    async def black_hole(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.host)
+        await asyncio.Event().wait()  # never set: cancelled when the client closes
+        raise AssertionError("unreachable")
 
-    monkeypatch.setattr(routed, "vet_peer", black_hole)
     now = time.time()
     values = []
     for number in range(100):
@@ -205,12 +202,18 @@ def test_the_deadline_ends_a_choice_among_probes_that_block_for_ever(monkeypatch
                 make_record(identity, sha256=FAKE_SHA, endpoints=endpoint, issued_at=now, expires_at=now + 60), identity
             )
         )
-    client = make_client(values, choose_timeout_s=0.5, probe_timeout_s=60.0, max_parallel_probes=40)
+    client = make_client(
+        values,
+        choose_timeout_s=0.5,
+        probe_timeout_s=60.0,
+        max_parallel_probes=40,
+        transport=httpx.MockTransport(black_hole),
+    )
     try:
         with pytest.raises(NoPeersError, match=r"within 0\.5 s"):
             client.pick(set())  # every probe blocks for ever: only the deadline can end the choice
         # Waves of 5, 10, 20, then what the cap of 40 in flight leaves: never more than 40 at once.
         assert len(calls) == 40
     finally:
-        released.set()
+        client.close()
         client.close()

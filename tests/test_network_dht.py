@@ -144,7 +144,7 @@ def test_endpoint_that_cannot_sign_the_nonce_is_not_used(net: Net, tmp_path: Pat
         assert "".join(stream) == STORY
         assert stream.peer_url in (honest.url, decoy.url)
         assert client.bans.is_banned(impostor.peer_id, time.monotonic())
-        assert (impostor.peer_id, decoy.url) not in client._verified
+        assert not client.proven(forged)
 
 
 def test_graceful_stop_withdraws_the_record_at_once(net: Net, tmp_path: Path) -> None:

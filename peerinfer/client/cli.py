@@ -31,9 +31,12 @@ def build_parser(settings: ClientSettings) -> argparse.ArgumentParser:
     )
     parser.add_argument("--chat", action="store_true", help="interactive chat that keeps the conversation")
     parser.add_argument("--json", action="store_true", help="print stats as one JSON object on stderr")
-    network = parser.add_argument_group("network (instead of --url)")
+    network = parser.add_argument_group("network (instead of --url): --bootstrap, --lan or both")
     network.add_argument(
         "--bootstrap", default=settings.bootstrap or None, help="find peers through this DHT node, host:port"
+    )
+    network.add_argument(
+        "--lan", action="store_true", default=settings.lan, help="find workers on this LAN (mDNS), no bootstrap needed"
     )
     network.add_argument("--model", default=None, help="model name to ask for (default: the most served)")
     network.add_argument("--sha256", default=None, help="exact model file to ask for")
@@ -56,7 +59,8 @@ def _routed(args: argparse.Namespace, settings: ClientSettings, err: TextIO) -> 
         )
 
     return RoutedClient(
-        args.bootstrap,
+        args.bootstrap or "",
+        lan=args.lan,
         model_sha256=args.sha256,
         model_name=args.model,
         api_key=args.api_key,
@@ -130,7 +134,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     base: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     try:
         client: PeerInferClient | RoutedClient = (
-            _routed(args, settings, err) if args.bootstrap else PeerInferClient(args.url, api_key=args.api_key)
+            _routed(args, settings, err)
+            if args.bootstrap or args.lan
+            else PeerInferClient(args.url, api_key=args.api_key)
         )
     except PeerInferError as exc:
         print(f"error: {exc.message}", file=err, flush=True)

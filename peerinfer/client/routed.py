@@ -1,4 +1,4 @@
-"""A client for the network: finds peers on the DHT, picks one, fails over and resumes.
+"""The synchronous client for the network: a thin layer over the async routing core (``client.core``).
 
     client = RoutedClient("127.0.0.1:4222")
     stream = client.chat_stream([{"role": "user", "content": "Hi"}])
@@ -6,74 +6,55 @@
         print(delta, end="", flush=True)
     print(stream.stats, stream.switches)
 
-A chat turn goes back to the peer that answered the conversation's last turn when that peer has
-a free slot, since it can reuse the conversation's prompt from its cache.
-
-Per request: at most one DHT lookup (none while the last one is younger than ``lookup_ttl_s``),
-``probe_count`` health probes in parallel (more, in growing waves, while none passes), a
-signed-nonce check the first time a peer is used, then the request. The choice has one deadline,
-``choose_timeout_s``; whatever a peer sends that is not what a worker sends bans it. Before the
-first token a failing peer is replaced at once; after it, the answer is resumed on another peer
-from the text streamed so far. Attempts are capped at ``max_attempts``.
+The core runs on an event loop of the client's own (``client.loop``); every choice, failover and
+resume is the core's, the same as the gateway's. A chat turn goes back to the peer that answered
+the conversation's last turn when that peer has a free slot, since it can reuse the conversation's
+prompt from its cache.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import random
-import threading
-import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from peerinfer.client.peer_http import PeerRejected
-from peerinfer.client.routing import (
-    BanList,
-    Probe,
-    candidates_to_probe,
-    choose_peer,
-    choose_with_affinity,
-    conversation_key,
-    failure_action,
-    probes_to_launch,
-    remaining_tokens,
-    resume_messages,
-    wave_interval_s,
+import httpx
+
+from peerinfer.client.core import (
+    Chooser,
+    PeerChunk,
+    PeerOpened,
+    RoutedAnswer,
+    Router,
+    RouterOptions,
+    StreamStats,
+    Switch,
 )
-from peerinfer.client.sdk import Message, PeerInferClient, StreamStats, TextStream
-from peerinfer.client.vetting import vet_peer
-from peerinfer.errors import ClientError, NoPeersError
-from peerinfer.network.addresses import dht_bind_host, parse_bootstrap
-from peerinfer.network.discovery import Discovery, Lookup
-from peerinfer.network.identity import PeerId
+from peerinfer.client.loop import BackgroundLoop
+from peerinfer.client.resume import chat_plan, completion_plan
+from peerinfer.client.routing import BanList, Probe, choose_peer
+from peerinfer.client.sdk import Message
+from peerinfer.client.transport import WorkerHttp
+from peerinfer.network.discovery import Discovery
 from peerinfer.network.records import PeerRecord
+from peerinfer.network.sources import open_discovery
 
-log = logging.getLogger(__name__)
-Chooser = Callable[[Sequence[Probe], random.Random], Probe]
-AFFINITY_ENTRIES = 1024  # conversations remembered, least recently used forgotten first
-
-
-@dataclass(frozen=True)
-class Switch:
-    """The request left ``from_url`` for ``to_url``; ``resumed_chars`` of answer had streamed."""
-
-    from_url: str
-    to_url: str
-    reason: str
-    resumed_chars: int
+__all__ = ["RoutedClient", "RoutedStream", "Switch"]
 
 
 class RoutedClient:
-    """Talks to the network rather than to one worker. Closing it leaves the DHT."""
+    """Talks to the network rather than to one worker. Closing it leaves the DHT.
+
+    Peers are found through the DHT (``bootstrap``), the LAN (``lan``), both, or a ``discovery``
+    given by the caller; ``transport`` replaces the network under every HTTP exchange in tests.
+    """
 
     def __init__(
         self,
         bootstrap: str = "",
         *,
+        lan: bool = False,
         model_sha256: str | None = None,
         model_name: str | None = None,
         api_key: str | None = None,
@@ -93,238 +74,89 @@ class RoutedClient:
         rng: random.Random | None = None,
         chooser: Chooser = choose_peer,
         on_switch: Callable[[Switch], None] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._node = None
+        self._opened = None
+        description = "the given discovery"
         if discovery is None:
-            from peerinfer.network.dht import DhtNode
-
-            nodes = parse_bootstrap(bootstrap)
-            if not nodes:
-                raise ClientError("no bootstrap node given; pass --bootstrap host:port (or PEERINFER_BOOTSTRAP)")
-            self._node = DhtNode(
-                host=dht_host or dht_bind_host(None, nodes), port=0, network_id=network_id, bootstrap=nodes
+            self._opened = open_discovery(
+                bootstrap=bootstrap, lan=lan, network_id=network_id, dht_host=dht_host, timeout_s=discovery_timeout_s
             )
-            discovery = Discovery(self._node, timeout_s=discovery_timeout_s)
-        self.discovery = discovery
-        self.model_sha256 = model_sha256
-        self.model_name = model_name
-        self.api_key = api_key
-        self.max_attempts = max_attempts
-        self.probe_count = probe_count
-        self.probe_timeout_s = probe_timeout_s
-        self.choose_timeout_s = choose_timeout_s
-        self.max_parallel_probes = max_parallel_probes
-        self.probe_grace_s = probe_grace_s  # least time to wait for other probes once one has passed
-        self.failures: Counter[str] = Counter()  # probe failures by reason, since the client started
-        self._lock = threading.Lock()  # bans and proofs are updated from probe threads
-        # Probes that outlive a choice finish in the background, so the pool has room for two choices.
-        self._pool = ThreadPoolExecutor(max_workers=2 * max_parallel_probes, thread_name_prefix="peerinfer-probe")
-        self.lookup_ttl_s = lookup_ttl_s
-        self.bans = BanList()
-        self.rng = rng or random.Random()
-        self.chooser = chooser
+            discovery, description = self._opened.discovery, self._opened.description
+        options = RouterOptions(
+            max_attempts=max_attempts,
+            probe_count=probe_count,
+            probe_timeout_s=probe_timeout_s,
+            choose_timeout_s=choose_timeout_s,
+            max_parallel_probes=max_parallel_probes,
+            probe_grace_s=probe_grace_s,
+            lookup_ttl_s=lookup_ttl_s,
+        )
+        http = WorkerHttp(
+            transport=transport, api_key=api_key, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
+        )
+        self.router = Router(
+            discovery,
+            http,
+            model_sha256=model_sha256,
+            model_name=model_name,
+            options=options,
+            rng=rng,
+            chooser=chooser,
+            description=description,
+        )
         self.on_switch = on_switch
-        self._timeouts = (connect_timeout_s, read_timeout_s)
-        self._lookup: Lookup | None = None
-        self._looked_up_at = 0.0
-        self._verified: set[tuple[str, str]] = set()
-        self._clients: dict[str, PeerInferClient] = {}
-        self._affinity: OrderedDict[str, str] = OrderedDict()  # conversation key -> peer that answered it
-        self.lookups = 0
+        self._loop = BackgroundLoop("peerinfer-routed")
 
-    # --- discovery and choice -------------------------------------------------------------
+    # The router's state, for callers and tests that look at it.
+    @property
+    def discovery(self) -> Discovery:
+        return self.router.discovery
+
+    @property
+    def bans(self) -> BanList:
+        return self.router.bans
+
+    @property
+    def failures(self) -> Counter[str]:
+        return self.router.failures
+
+    @property
+    def lookups(self) -> int:
+        return self.router.lookups
 
     def peers(self, fresh: bool = False) -> list[PeerRecord]:
         """Verified live peers for the model, from the last lookup if it is recent enough."""
-        if fresh or self._lookup is None or time.monotonic() - self._looked_up_at > self.lookup_ttl_s:
-            self._lookup = self.discovery.lookup(self.model_sha256, self.model_name)
-            self._looked_up_at = time.monotonic()
-            self.lookups += 1
-        return list(self._lookup.records)
+        return self._loop.run(self.router.peers(fresh))
 
     def proven(self, record: PeerRecord) -> bool:
-        """Whether this endpoint has signed a fresh nonce with the record's key before."""
-        return (record.peer_id, record.endpoints[0]) in self._verified
-
-    def vet(self, record: PeerRecord, deadline: float) -> Probe:
-        """Probe the peer (and challenge it, the first time) by ``deadline``; a failure bans it.
-
-        Runs in a probe thread, and may finish after ``pick`` has returned: a peer that failed is
-        banned all the same, and one that passed is remembered as proven.
-        """
-        try:
-            probe = vet_peer(record, deadline=deadline, challenge=not self.proven(record))
-        except Exception as exc:  # PeerRejected, or a bug: either way this peer is not used now
-            # Info, not warning: under a flood of fake records this is one line per fake.
-            reason = exc.reason if isinstance(exc, PeerRejected) else "error"
-            with self._lock:
-                ban_s = self.bans.fail(record.peer_id, time.monotonic())
-                self.failures[reason] += 1
-            log.log(
-                logging.INFO if reason != "error" else logging.WARNING,
-                "peer %s at %s failed its probe (%s); banned for %.0f s",
-                record.peer_id,
-                record.endpoints[0],
-                exc,
-                ban_s,
-                exc_info=reason == "error",  # not a peer's lie but a bug of ours: show where
-            )
-            raise
-        with self._lock:
-            self._verified.add((record.peer_id, record.endpoints[0]))
-            self.discovery.trusted.add(record.peer_id)
-        return probe
+        return self.router.proven(record)
 
     def probe(self, record: PeerRecord) -> Probe | None:
-        """One vetting of ``record`` within ``probe_timeout_s``; None if it failed."""
-        try:
-            return self.vet(record, time.monotonic() + self.probe_timeout_s)
-        except PeerRejected:
-            return None
+        """One vetting of ``record`` within the probe time-out; None if it failed."""
+        return self._loop.run(self.router.probe(record))
 
     def pick(self, exclude: set[str], prefer: str | None = None) -> tuple[PeerRecord, Probe]:
-        """A peer that answers its probe and proves its key, within ``choose_timeout_s``.
-
-        The choice has one deadline, whatever the records say: probes start in waves (see
-        ``probes_to_launch``) and the first usable answers are compared (power of two choices, or
-        ``prefer`` when it has a free slot). If nothing passes, one fresh lookup is tried in the
-        time left, at once, while the probes in flight go on. Raises ``NoPeersError``.
-        """
-        deadline = time.monotonic() + self.choose_timeout_s
-        records = {record.peer_id: record for record in self.peers()}
-
-        def more() -> list[PeerRecord]:
-            """Peers of a fresh lookup that the last one did not list."""
-            new = [record for record in self.peers(fresh=True) if record.peer_id not in records]
-            records.update((record.peer_id, record) for record in new)
-            return new
-
-        chosen = self._choose(records, exclude, prefer, deadline, more)
-        if chosen is not None:
-            return records[chosen.peer_id], chosen
-        model = self.model_sha256 or self.model_name or "the most served model"
-        raise NoPeersError(
-            f"no usable peer for {model} within {self.choose_timeout_s:g} s: none found on the DHT, "
-            f"or all are down, banned or failed their checks ({dict(self.failures) or 'no probe failed'})"
-        )
-
-    def _choose(
-        self,
-        records: dict[PeerId, PeerRecord],
-        exclude: set[str],
-        prefer: str | None,
-        deadline: float,
-        more: Callable[[], list[PeerRecord]],
-    ) -> Probe | None:
-        with self._lock:
-            skip = exclude | self.bans.banned(time.monotonic())
-            proven = {peer for peer, _ in self._verified}
-        queue = candidates_to_probe(list(records.values()), skip, len(records), self.rng, proven)
-        wanted = records.get(PeerId(prefer)) if prefer is not None and prefer not in skip else None
-        if wanted is not None:
-            queue.remove(wanted)
-            queue.insert(0, wanted)
-        pending: dict[Future[Probe], PeerRecord] = {}
-        passed: list[Probe] = []
-        wave, launched_at, first_pass_at = self.probe_count + (wanted is not None), -math.inf, math.inf
-        interval = wave_interval_s(self.probe_timeout_s, self.choose_timeout_s)
-        looked_again = False
-        while True:
-            now = time.monotonic()
-            stuck = not pending or now - launched_at >= interval  # all failed, or none passed for a wave interval
-            if not passed and not queue and stuck and not looked_again and now < deadline:
-                looked_again = True  # every candidate is in flight or failed: look for others meanwhile
-                queue = candidates_to_probe(more(), skip, len(records), self.rng, proven)
-                now = time.monotonic()
-            if not passed:
-                count = probes_to_launch(
-                    len(pending), len(queue), wave, self.max_parallel_probes, now - launched_at >= interval
-                )
-                if count:
-                    for record in queue[:count]:
-                        pending[self._pool.submit(self.vet, record, min(deadline, now + self.probe_timeout_s))] = record
-                    del queue[:count]
-                    wave, launched_at = wave * 2, now
-            # Once one passed, the others get as long again as its round trip (at least probe_grace_s).
-            grace_until = first_pass_at + max(self.probe_grace_s, passed[0].rtt_s if passed else 0.0)
-            if passed and (
-                not pending
-                or now >= grace_until
-                or any(probe.peer_id == prefer and probe.slots_free > 0 for probe in passed)
-            ):
-                break
-            if (not pending and not queue) or now >= deadline:
-                break
-            next_wave = launched_at + interval if queue and not passed else math.inf
-            wake = min(deadline, grace_until, next_wave)
-            done, _ = wait(list(pending), timeout=max(0.0, wake - now), return_when=FIRST_COMPLETED)
-            for future in done:
-                pending.pop(future)
-                if future.exception() is None:
-                    passed.append(future.result())
-                    first_pass_at = min(first_pass_at, time.monotonic())
-        # Probes still in flight go on in the background: their verdicts (bans, proofs) are kept.
-        if not passed:
-            return None
-        return choose_with_affinity(passed, prefer, self.rng, self.chooser)
-
-    def client_for(self, url: str) -> PeerInferClient:
-        if url not in self._clients:
-            self._clients[url] = PeerInferClient(
-                url, api_key=self.api_key, connect_timeout_s=self._timeouts[0], read_timeout_s=self._timeouts[1]
-            )
-        return self._clients[url]
+        """A peer that answers its probe and proves its key, within the choice's deadline; ``NoPeersError``."""
+        return self._loop.run(self.router.pick(exclude, prefer))
 
     # --- requests ---------------------------------------------------------------------------
 
     def chat_stream(self, messages: list[Message], **params: Any) -> RoutedStream:
-        continuing = bool(params.get("continue_final_message"))
-
-        def start(client: PeerInferClient, partial: str, deltas: int) -> TextStream:
-            if not partial:
-                return client.chat_stream(messages, **params)
-            resumed = remaining_tokens(params, deltas)
-            resumed["continue_final_message"] = True
-            return client.chat_stream(resume_messages(messages, partial, continuing), **resumed)
-
-        def answered(peer_id: str, answer: str) -> None:
-            # The next turn's history is this conversation with the answer appended (or extended).
-            self._remember(conversation_key(resume_messages(messages, answer, continuing)), peer_id)
-
-        return RoutedStream(self, start, prefer=self._peer_of(messages), answered=answered)
-
-    def _peer_of(self, messages: list[Message]) -> str | None:
-        """The peer that answered the longest earlier part of this conversation (its history and that answer)."""
-        for end in range(len(messages) - 1, 0, -1):
-            peer = self._affinity.get(conversation_key(messages[:end]))
-            if peer is not None:
-                return peer
-        return None
-
-    def _remember(self, key: str, peer_id: str) -> None:
-        self._affinity[key] = peer_id
-        self._affinity.move_to_end(key)
-        while len(self._affinity) > AFFINITY_ENTRIES:
-            self._affinity.popitem(last=False)
+        plan = chat_plan({"messages": messages, **params, "stream": True})
+        return RoutedStream(self, self.router.answer(plan))
 
     def completion_stream(self, prompt: str, **params: Any) -> RoutedStream:
-        def start(client: PeerInferClient, partial: str, deltas: int) -> TextStream:
-            if not partial:
-                return client.completion_stream(prompt, **params)
-            return client.completion_stream(prompt + partial, **remaining_tokens(params, deltas))
-
-        return RoutedStream(self, start)
+        return RoutedStream(self, self.router.answer(completion_plan({"prompt": prompt, **params, "stream": True})))
 
     def chat(self, messages: list[Message], **params: Any) -> str:
         return "".join(self.chat_stream(messages, **params))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for client in self._clients.values():
-            client.close()
-        if self._node is not None:
-            self._node.close()
-            self._node = None
+        self._loop.close(self.router.aclose())
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None
 
     def __enter__(self) -> RoutedClient:
         return self
@@ -336,94 +168,33 @@ class RoutedClient:
 class RoutedStream:
     """Iterate for text deltas of one continuous answer, whichever peers produce it.
 
-    ``peer_url`` is the peer in use; ``switches`` lists every move to another peer; ``stats``
-    covers the whole answer once it is complete.
+    ``peer_url`` is the peer in use; ``switches`` lists every move to another peer (each is also
+    passed to the client's ``on_switch``, on the caller's thread); ``stats`` covers the whole
+    answer once it is complete.
     """
 
-    def __init__(
-        self,
-        client: RoutedClient,
-        start: Callable[[PeerInferClient, str, int], TextStream],
-        prefer: str | None = None,
-        answered: Callable[[str, str], None] | None = None,
-    ) -> None:
+    def __init__(self, client: RoutedClient, answer: RoutedAnswer) -> None:
         self._client = client
-        self._start = start
-        self._prefer = prefer  # the peer to try first, if it has a free slot
-        self._answered = answered  # told which peer finished the answer, and the whole answer
+        self._answer = answer
         self.peer_url: str | None = None
-        self.switches: list[Switch] = []
-        self.attempts = 0
-        self.stats: StreamStats | None = None
 
-    def _switch(self, reason: str, partial: str, exclude: set[str]) -> tuple[PeerRecord, Probe]:
-        record, probe = self._client.pick(exclude, self._prefer if self.peer_url is None else None)
-        if self.peer_url is not None:
-            switch = Switch(self.peer_url, probe.url, reason, len(partial))
-            self.switches.append(switch)
-            log.info("peer %s failed (%s); continuing on %s", switch.from_url, reason, switch.to_url)
-            if self._client.on_switch is not None:
-                self._client.on_switch(switch)
-        self.peer_url = probe.url
-        return record, probe
+    @property
+    def switches(self) -> list[Switch]:
+        return self._answer.switches
+
+    @property
+    def attempts(self) -> int:
+        return self._answer.attempts
+
+    @property
+    def stats(self) -> StreamStats | None:
+        return self._answer.stats
 
     def __iter__(self) -> Iterator[str]:
-        client = self._client
-        started = time.perf_counter()
-        first: float | None = None
-        partial = ""
-        deltas = 0
-        tried: set[str] = set()
-        reason = ""
-        while True:
-            if self.attempts >= client.max_attempts:
-                where = f" after {len(partial)} characters of the answer" if partial else ""
-                raise NoPeersError(f"gave up after {self.attempts} attempts{where}; last failure: {reason}")
-            record, probe = self._switch(reason, partial, tried)
-            tried.add(record.peer_id)
-            self.attempts += 1
-            earlier = deltas
-            try:
-                stream = self._start(client.client_for(probe.url), partial, deltas)
-                for delta in stream:
-                    if first is None:
-                        first = time.perf_counter()
-                    partial += delta
-                    deltas += 1
-                    yield delta
-            except ClientError as exc:
-                action = failure_action(exc.status, bool(partial))
-                if action == "fatal":
-                    raise
-                with client._lock:
-                    client.bans.fail(record.peer_id, time.monotonic())
-                reason = exc.message
-                continue
-            with client._lock:
-                if stream.overran:
-                    # More text than was asked for: the answer ends at the limit, the peer is not trusted again soon.
-                    client.bans.fail(record.peer_id, time.monotonic())
-                    log.warning("peer %s sent more text than max_tokens; the answer ends at the limit", probe.url)
-                else:
-                    client.bans.succeed(record.peer_id)
-            self.stats = _combined_stats(stream.stats, started, first, deltas, earlier)
-            if self._answered is not None:
-                self._answered(record.peer_id, partial)
-            return
-
-
-def _combined_stats(
-    last: StreamStats | None, started: float, first: float | None, deltas: int, earlier: int
-) -> StreamStats:
-    """Stats of the whole answer; tokens of abandoned peers are counted as the deltas they sent."""
-    total = time.perf_counter() - started
-    tokens = deltas if last is None else earlier + last.completion_tokens
-    generating = total - (first - started) if first is not None else 0.0
-    return StreamStats(
-        ttft_s=None if first is None else first - started,
-        total_s=total,
-        prompt_tokens=None if last is None else last.prompt_tokens,
-        completion_tokens=tokens,
-        tokens_per_s=(tokens - 1) / generating if tokens > 1 and generating > 0 else 0.0,
-        finish_reason=None if last is None else last.finish_reason,
-    )
+        for event in self._client._loop.iterate(aiter(self._answer)):
+            if isinstance(event, PeerOpened):
+                self.peer_url = event.url
+                if event.switch is not None and self._client.on_switch is not None:
+                    self._client.on_switch(event.switch)
+            elif isinstance(event, PeerChunk) and event.chunk.text:
+                yield event.chunk.text

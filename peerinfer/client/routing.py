@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,66 @@ def probes_to_launch(in_flight: int, queued: int, wave: int, max_parallel: int, 
     if queued <= 0 or (in_flight and not due):
         return 0
     return max(0, min(wave, queued, max_parallel - in_flight))
+
+
+@dataclass
+class ChoiceState:
+    """What a choice of peer has seen so far; ``plan_choice`` decides its next step from it."""
+
+    deadline: float
+    wave: int
+    interval_s: float
+    grace_s: float
+    prefer: str | None = None
+    launched_at: float = -math.inf
+    first_pass_at: float = math.inf
+    looked_again: bool = False
+    passed: list[Probe] = field(default_factory=list)
+
+    def launched(self, now: float) -> None:
+        self.wave, self.launched_at = self.wave * 2, now
+
+    def passed_probe(self, probe: Probe, now: float) -> None:
+        self.passed.append(probe)
+        self.first_pass_at = min(self.first_pass_at, now)
+
+
+@dataclass(frozen=True)
+class ChoiceStep:
+    """``launch`` ``count`` more probes, ``look_again`` (one fresh lookup), ``wait`` ``until``, or ``done``."""
+
+    kind: Literal["launch", "look_again", "wait", "done"]
+    count: int = 0
+    until: float = math.inf
+
+
+def plan_choice(state: ChoiceState, now: float, in_flight: int, queued: int, max_parallel: int) -> ChoiceStep:
+    """The next step of a choice among probed peers. Pure.
+
+    - While nothing has passed: probes start in waves (``probes_to_launch``); when every candidate
+      is in flight or failed and a wave interval went by, one fresh lookup, once.
+    - Once one passed, the others get as long again as its round trip (at least ``grace_s``), or
+      none at all if the preferred peer passed with a free slot.
+    - It is done at the deadline, or when nothing is left to probe or wait for.
+    """
+    due = now - state.launched_at >= state.interval_s
+    stuck = in_flight == 0 or due  # all failed, or none passed for a wave interval
+    if not state.passed and queued == 0 and stuck and not state.looked_again and now < state.deadline:
+        return ChoiceStep("look_again")
+    if not state.passed and now < state.deadline:
+        count = probes_to_launch(in_flight, queued, state.wave, max_parallel, due)
+        if count:
+            return ChoiceStep("launch", count=count)
+    grace_until = math.inf
+    if state.passed:
+        grace_until = state.first_pass_at + max(state.grace_s, state.passed[0].rtt_s)
+        preferred_free = any(probe.peer_id == state.prefer and probe.slots_free > 0 for probe in state.passed)
+        if in_flight == 0 or now >= grace_until or preferred_free:
+            return ChoiceStep("done")
+    if (in_flight == 0 and queued == 0) or now >= state.deadline:
+        return ChoiceStep("done")
+    next_wave = state.launched_at + state.interval_s if queued and not state.passed else math.inf
+    return ChoiceStep("wait", until=min(state.deadline, grace_until, next_wave))
 
 
 def choose_peer(probes: Sequence[Probe], rng: random.Random) -> Probe:
@@ -175,7 +236,7 @@ def remaining_tokens(params: dict[str, Any], streamed_deltas: int) -> dict[str, 
     return updated
 
 
-def resume_messages(messages: Sequence[dict[str, str]], partial: str, continuing: bool) -> list[dict[str, str]]:
+def resume_messages(messages: Sequence[dict[str, Any]], partial: str, continuing: bool) -> list[dict[str, Any]]:
     """The conversation plus the partial answer as the assistant message to continue.
 
     If the caller was already continuing an assistant message (``continuing``), the partial text extends it.

@@ -8,7 +8,7 @@ type, a ``usage`` that is not counts, nesting too deep for ``json`` are the peer
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from peerinfer.client.peer_http import PeerRejected
@@ -22,6 +22,8 @@ class StreamChunk:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    """The event's JSON object as the peer sent it: its shape is checked above, the rest is still the peer's."""
 
 
 def _optional_str(value: Any, name: str, limit: int) -> str | None:
@@ -77,4 +79,5 @@ def read_chunk(data: str) -> StreamChunk:
         finish_reason=finish_reason,
         prompt_tokens=_count(usage, "prompt_tokens") if usage else None,
         completion_tokens=_count(usage, "completion_tokens") if usage else None,
+        payload=payload,
     )

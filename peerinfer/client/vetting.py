@@ -4,7 +4,8 @@ The readers (``read_health``, ``read_challenge``) are pure and end in a ``Probe`
 ``PeerRejected`` with a reason (``unhealthy``, ``wrong_model``, ``malformed``, ``bad_field``,
 ``bad_challenge``), never in another exception: whatever a peer sends is that peer's failure. A
 health report is checked as strictly as a record: a ``"slots_total": "four"`` is a lie, not a
-default. ``vet_peer`` carries them out over ``peer_http.exchange``, within one deadline.
+default (``api.health``, the same model the worker writes). ``vet_peer`` carries them out over
+``WorkerHttp.exchange``, within one deadline.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import secrets
 import time
 from typing import Any
 
-from peerinfer.client.peer_http import HttpReply, PeerRejected, exchange
+from peerinfer.api.health import HealthRejected
+from peerinfer.api.health import read_health as read_health_report
+from peerinfer.client.peer_http import HttpReply, PeerRejected
 from peerinfer.client.routing import Probe
+from peerinfer.client.transport import WorkerHttp
 from peerinfer.network.identity import b64
 from peerinfer.network.records import PeerRecord, verify_challenge
 
 MAX_HEALTH_BYTES = 16 * 1024
 MAX_CHALLENGE_BYTES = 4 * 1024
-MAX_SLOTS = 4096
-MAX_QUEUE = 1_000_000
 MAX_TRUSTED_SPEED = 1_000.0
 """Tokens/s a record may claim for choice purposes; more is clamped (records allow up to 100,000)."""
 
@@ -37,28 +39,25 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def _count(body: dict[str, Any], name: str, low: int, high: int) -> int:
-    value = body.get(name)
-    if type(value) is not int or not low <= value <= high:
-        raise PeerRejected("bad_field", f"{name}={str(value)[:40]!r} is not an integer in [{low}, {high}]")
-    return value
-
-
 def read_health(reply: HttpReply, record: PeerRecord, rtt_s: float) -> Probe:
     """The probe of a ``/health`` reply for the peer of ``record``; raises ``PeerRejected``. Pure."""
     if reply.status != 200:
         raise PeerRejected("unhealthy", f"/health answered {reply.status}")
-    body = _json_object(reply.body)
-    if body.get("sha256") != record.sha256:
+    try:
+        report = read_health_report(reply.body)
+    except HealthRejected as exc:
+        raise PeerRejected(exc.reason, exc.detail) from exc
+    if report.sha256 != record.sha256:
         raise PeerRejected("wrong_model", "/health reports another model file than the record")
-    slots_total = _count(body, "slots_total", 1, MAX_SLOTS)
+    if not report.serving or report.slots_total is None or report.slots_free is None:
+        raise PeerRejected("unhealthy", f"/health says {report.status!r} without its slots")
     return Probe(
         peer_id=record.peer_id,
         url=record.endpoints[0],
         rtt_s=rtt_s,
-        slots_total=slots_total,
-        slots_free=_count(body, "slots_free", 0, slots_total),
-        queue=_count(body, "requests_waiting", 0, MAX_QUEUE),
+        slots_total=report.slots_total,
+        slots_free=report.slots_free,
+        queue=report.requests_waiting or 0,
         tokens_per_s=min(record.tokens_per_s, MAX_TRUSTED_SPEED),
     )
 
@@ -71,25 +70,21 @@ def read_challenge(reply: HttpReply, record: PeerRecord, nonce: bytes) -> None:
         raise PeerRejected("bad_challenge", "the endpoint cannot sign with the record's key")
 
 
-def vet_peer(record: PeerRecord, *, deadline: float, challenge: bool) -> Probe:
+async def vet_peer(http: WorkerHttp, record: PeerRecord, *, deadline: float, challenge: bool) -> Probe:
     """Probe ``/health`` and, if ``challenge``, check the nonce, all by ``deadline``; raises ``PeerRejected``."""
-    url = record.endpoints[0]
     started = time.monotonic()
-    probe = read_health(
-        exchange(url, "GET", "/health", deadline=deadline, max_bytes=MAX_HEALTH_BYTES),
-        record,
-        time.monotonic() - started,
-    )
+    reply = await http.exchange(record.endpoints[0], "GET", "/health", deadline=deadline, max_bytes=MAX_HEALTH_BYTES)
+    probe = read_health(reply, record, time.monotonic() - started)
     if challenge:
-        prove_key(record, deadline=deadline)
+        await prove_key(http, record, deadline=deadline)
     return probe
 
 
-def prove_key(record: PeerRecord, *, deadline: float) -> None:
+async def prove_key(http: WorkerHttp, record: PeerRecord, *, deadline: float) -> None:
     """Ask the endpoint to sign a fresh nonce by ``deadline``; raises ``PeerRejected`` unless it is the record's key."""
     nonce = secrets.token_bytes(32)
     body = json.dumps({"nonce": b64(nonce)}).encode()
-    reply = exchange(
+    reply = await http.exchange(
         record.endpoints[0], "POST", "/peer/challenge", deadline=deadline, max_bytes=MAX_CHALLENGE_BYTES, body=body
     )
     read_challenge(reply, record, nonce)

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from peerinfer.client.peer_http import PeerRejected
+from peerinfer.client.transport import WorkerHttp
 from peerinfer.client.vetting import prove_key, vet_peer
 from peerinfer.errors import PeerInferError
-from peerinfer.network.addresses import dht_bind_host, parse_bootstrap
 from peerinfer.network.dht import DhtNode
-from peerinfer.network.discovery import Discovery
 from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, model_key
+from peerinfer.network.sources import open_discovery
 from peerinfer.settings import ClientSettings
 
 
@@ -31,6 +31,12 @@ def build_parser(settings: ClientSettings) -> argparse.ArgumentParser:
     peers = commands.add_parser("peers", help="list the verified peers on the network")
     peers.add_argument(
         "--bootstrap", default=settings.bootstrap, help="host:port of a DHT node (default: $PEERINFER_BOOTSTRAP)"
+    )
+    peers.add_argument(
+        "--lan",
+        action="store_true",
+        default=settings.lan,
+        help="find workers on this LAN (mDNS), with or without a bootstrap",
     )
     peers.add_argument("--sha256", default=None, help="only peers serving this model file")
     peers.add_argument("--model", default=None, help="only peers serving a model of this name")
@@ -64,19 +70,28 @@ class PeerCheck:
     failure: str | None = None
 
 
-def check_peer(record: PeerRecord, timeout_s: float = 2.0) -> PeerCheck:
+async def check_peer(http: WorkerHttp, record: PeerRecord, timeout_s: float = 2.0) -> PeerCheck:
     """Probe ``/health`` and ask for the signed nonce, within ``timeout_s`` in all. Never raises."""
     deadline = time.monotonic() + timeout_s
     try:
-        probe = vet_peer(record, deadline=deadline, challenge=False)
+        probe = await vet_peer(http, record, deadline=deadline, challenge=False)
     except PeerRejected as exc:
         return PeerCheck(None, False, exc.reason)
     rtt_ms = round(probe.rtt_s * 1000, 1)
     try:
-        prove_key(record, deadline=deadline)
+        await prove_key(http, record, deadline=deadline)
     except PeerRejected as exc:
         return PeerCheck(rtt_ms, False, exc.reason)
     return PeerCheck(rtt_ms, True)
+
+
+async def check_peers(records: list[PeerRecord]) -> list[PeerCheck]:
+    """Every record's check, at once, over one connection pool."""
+    http = WorkerHttp()
+    try:
+        return list(await asyncio.gather(*(check_peer(http, record) for record in records)))
+    finally:
+        await http.aclose()
 
 
 def describe(record: PeerRecord, check: PeerCheck, now: float) -> dict[str, Any]:
@@ -118,13 +133,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_peers(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    nodes = parse_bootstrap(args.bootstrap)
-    if not nodes:
-        print("error: no bootstrap node; pass --bootstrap host:port", file=err)
-        return 2
-    node = DhtNode(host=dht_bind_host(None, nodes), port=0, network_id=args.network_id, bootstrap=nodes)
+    settings = ClientSettings()
+    opened = open_discovery(
+        bootstrap=args.bootstrap,
+        lan=args.lan,
+        network_id=args.network_id,
+        dht_host=settings.dht_host,
+        timeout_s=args.timeout,
+    )
     try:
-        discovery = Discovery(node)
+        discovery = opened.discovery
         key = model_key(args.sha256) if args.sha256 else DIRECTORY_KEY
         deadline = time.monotonic() + args.timeout
         while True:
@@ -134,9 +152,8 @@ def run_peers(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 break
             time.sleep(0.2)
     finally:
-        node.close()
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        checks = list(pool.map(check_peer, records))
+        opened.close()
+    checks = asyncio.run(check_peers(records))
     now = time.time()
     rows = [describe(record, check, now) for record, check in zip(records, checks, strict=True)]
     if args.json:

@@ -1,0 +1,497 @@
+"""The async routing core: finds peers, picks one, fails over and resumes. One event loop, no threads.
+
+The gateway, the SDK's ``RoutedClient`` and ``client.py`` all route through a ``Router``:
+
+    router = Router(discovery, WorkerHttp())
+    async for event in router.answer(chat_plan(body)):
+        ...  # PeerOpened when a peer accepted the request, PeerChunk for each event of its stream
+
+Per request: at most one lookup (none while the last one is younger than ``lookup_ttl_s``),
+``probe_count`` health probes at once (more, in growing waves, while none passes), a signed-nonce
+check the first time a peer is used, then the request. The choice has one deadline,
+``choose_timeout_s``; whatever a peer sends that is not what a worker sends bans it. Before the
+first token a failing peer is replaced at once; after it, the answer is resumed on another peer
+from the text streamed so far (``client.resume``). Attempts are capped at ``max_attempts``.
+
+Every decision is a pure function in ``client.routing`` (what to probe, when to start the next
+wave, which peer to use, what a failure means, how long a ban lasts); this module carries them out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from peerinfer.client.peer_http import PeerRejected
+from peerinfer.client.resume import AnswerPlan, resumed_body
+from peerinfer.client.routing import (
+    BanList,
+    ChoiceState,
+    Probe,
+    candidates_to_probe,
+    choose_peer,
+    choose_with_affinity,
+    conversation_key,
+    failure_action,
+    plan_choice,
+    wave_interval_s,
+)
+from peerinfer.client.stream_events import StreamChunk
+from peerinfer.client.transport import WorkerHttp, WorkerStream
+from peerinfer.client.vetting import vet_peer
+from peerinfer.errors import ClientError, NoPeersError
+from peerinfer.network.discovery import Discovery, Lookup
+from peerinfer.network.identity import PeerId
+from peerinfer.network.records import PeerRecord
+
+log = logging.getLogger(__name__)
+Chooser = Callable[[Sequence[Probe], random.Random], Probe]
+AFFINITY_ENTRIES = 1024  # conversations remembered, least recently used forgotten first
+SPEED_WEIGHT = 0.3  # weight of the newest answer in a peer's measured tokens/s
+
+
+@dataclass(frozen=True)
+class Switch:
+    """The request left ``from_url`` for ``to_url``; ``resumed_chars`` of answer had streamed."""
+
+    from_url: str
+    to_url: str
+    reason: str
+    resumed_chars: int
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """What one streamed answer cost. Token counts come from the workers' ``usage``."""
+
+    ttft_s: float | None
+    total_s: float
+    prompt_tokens: int | None
+    completion_tokens: int
+    tokens_per_s: float
+    finish_reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ttft_s": self.ttft_s,
+            "total_s": self.total_s,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "finish_reason": self.finish_reason,
+        }
+
+
+def stream_stats(
+    started: float, first: float | None, prompt_tokens: int | None, completion_tokens: int, finish: str | None
+) -> StreamStats:
+    """Stats of an answer that began (``time.perf_counter``) at ``started`` and ends now."""
+    total = time.perf_counter() - started
+    generating = total - (first - started) if first is not None else 0.0
+    return StreamStats(
+        ttft_s=None if first is None else first - started,
+        total_s=total,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        tokens_per_s=(completion_tokens - 1) / generating if completion_tokens > 1 and generating > 0 else 0.0,
+        finish_reason=finish,
+    )
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    max_attempts: int = 3
+    probe_count: int = 3
+    probe_timeout_s: float = 2.0
+    choose_timeout_s: float = 5.0
+    max_parallel_probes: int = 64
+    probe_grace_s: float = 0.05  # least time to wait for other probes once one has passed
+    lookup_ttl_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """What the router knows of one peer: its record, and what this router saw of it."""
+
+    peer_id: str
+    url: str
+    model: str
+    sha256: str
+    verified: bool
+    slots_total: int
+    slots_free: int
+    queue: int
+    rtt_ms: float | None
+    tokens_per_s: float | None
+    claimed_tokens_per_s: float
+    age_s: float
+    path: str
+    banned: bool
+    last_failure: str | None
+
+
+@dataclass(frozen=True)
+class PeerOpened:
+    """A peer accepted the request (HTTP 200); ``switch`` says why it is not the first one."""
+
+    peer_id: str
+    url: str
+    switch: Switch | None
+
+
+@dataclass(frozen=True)
+class PeerChunk:
+    """One event of the serving peer's stream."""
+
+    peer_id: str
+    chunk: StreamChunk
+
+
+class Router:
+    """Routes requests to the peers ``discovery`` finds; state (bans, proofs, affinity) lives here."""
+
+    def __init__(
+        self,
+        discovery: Discovery,
+        http: WorkerHttp,
+        *,
+        model_sha256: str | None = None,
+        model_name: str | None = None,
+        options: RouterOptions | None = None,
+        rng: random.Random | None = None,
+        chooser: Chooser = choose_peer,
+        description: str = "the network",
+    ) -> None:
+        self.discovery = discovery
+        self.http = http
+        self.model_sha256 = model_sha256
+        self.model_name = model_name
+        self.options = options or RouterOptions()
+        self.rng = rng or random.Random()
+        self.chooser = chooser
+        self.description = description
+        self.bans = BanList()
+        self.failures: Counter[str] = Counter()  # probe failures by reason, since the router started
+        self.lookups = 0
+        self._lookup: Lookup | None = None
+        self._looked_up_at = -math.inf
+        self._lookup_lock = asyncio.Lock()
+        self._verified: set[tuple[str, str]] = set()
+        self._affinity: OrderedDict[str, str] = OrderedDict()  # conversation key -> peer that answered it
+        self._probes: dict[str, Probe] = {}  # the last passed probe of each peer
+        self._last_failure: dict[str, str] = {}
+        self._speed: dict[str, float] = {}  # measured tokens/s of each peer's answers
+        self._background: set[asyncio.Task[Probe]] = set()  # probes that outlived a choice
+
+    # --- discovery and choice -------------------------------------------------------------
+
+    async def peers(self, fresh: bool = False) -> list[PeerRecord]:
+        """Verified live peers for the model, from the last lookup if it is recent enough."""
+        async with self._lookup_lock:
+            stale = time.monotonic() - self._looked_up_at > self.options.lookup_ttl_s
+            if fresh or self._lookup is None or stale:
+                # Discovery blocks (a DHT get, an mDNS browse): off the loop.
+                self._lookup = await asyncio.to_thread(self.discovery.lookup, self.model_sha256, self.model_name)
+                self._looked_up_at = time.monotonic()
+                self.lookups += 1
+            return list(self._lookup.records)
+
+    def proven(self, record: PeerRecord) -> bool:
+        """Whether this endpoint has signed a fresh nonce with the record's key before."""
+        return (record.peer_id, record.endpoints[0]) in self._verified
+
+    def fail(self, peer_id: str, reason: str) -> float:
+        """Count a failure of the peer; returns how long it is banned for."""
+        self._last_failure[peer_id] = reason[:200]
+        return self.bans.fail(peer_id, time.monotonic())
+
+    def succeed(self, peer_id: str) -> None:
+        self.bans.succeed(peer_id)
+
+    def observe_speed(self, peer_id: str, tokens_per_s: float) -> None:
+        """Fold one answer's measured speed into the peer's."""
+        if tokens_per_s <= 0 or not math.isfinite(tokens_per_s):
+            return
+        old = self._speed.get(peer_id)
+        self._speed[peer_id] = tokens_per_s if old is None else old + SPEED_WEIGHT * (tokens_per_s - old)
+
+    async def vet(self, record: PeerRecord, deadline: float) -> Probe:
+        """Probe the peer (and challenge it, the first time) by ``deadline``; a failure bans it.
+
+        May finish after ``pick`` has returned: a peer that failed is banned all the same, and one
+        that passed is remembered as proven.
+        """
+        try:
+            probe = await vet_peer(self.http, record, deadline=deadline, challenge=not self.proven(record))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # PeerRejected, or a bug: either way this peer is not used now
+            # Info, not warning: under a flood of fake records this is one line per fake.
+            reason = exc.reason if isinstance(exc, PeerRejected) else "error"
+            ban_s = self.fail(record.peer_id, str(exc))
+            self.failures[reason] += 1
+            log.log(
+                logging.INFO if reason != "error" else logging.WARNING,
+                "peer %s at %s failed its probe (%s); banned for %.0f s",
+                record.peer_id,
+                record.endpoints[0],
+                exc,
+                ban_s,
+                exc_info=reason == "error",  # not a peer's lie but a bug of ours: show where
+            )
+            if isinstance(exc, PeerRejected):
+                raise
+            raise PeerRejected("error", str(exc)) from exc
+        self._verified.add((record.peer_id, record.endpoints[0]))
+        self.discovery.trusted.add(record.peer_id)
+        self._probes[record.peer_id] = probe
+        return probe
+
+    async def probe(self, record: PeerRecord) -> Probe | None:
+        """One vetting of ``record`` within ``probe_timeout_s``; None if it failed."""
+        try:
+            return await self.vet(record, time.monotonic() + self.options.probe_timeout_s)
+        except PeerRejected:
+            return None
+
+    async def pick(self, exclude: set[str], prefer: str | None = None) -> tuple[PeerRecord, Probe]:
+        """A peer that answers its probe and proves its key, within ``choose_timeout_s``.
+
+        The choice has one deadline, whatever the records say: probes start in waves and the first
+        usable answers are compared (power of two choices, or ``prefer`` when it has a free slot).
+        If nothing passes, one fresh lookup is tried in the time left while the probes in flight
+        go on. Raises ``NoPeersError``.
+        """
+        options = self.options
+        deadline = time.monotonic() + options.choose_timeout_s
+        records = {record.peer_id: record for record in await self.peers()}
+        skip = exclude | self.bans.banned(time.monotonic())
+        proven = {peer for peer, _ in self._verified}
+        queue = candidates_to_probe(list(records.values()), skip, len(records), self.rng, proven)
+        wanted = records.get(PeerId(prefer)) if prefer is not None and prefer not in skip else None
+        if wanted is not None:
+            queue.remove(wanted)
+            queue.insert(0, wanted)
+        state = ChoiceState(
+            deadline=deadline,
+            wave=options.probe_count + (wanted is not None),
+            interval_s=wave_interval_s(options.probe_timeout_s, options.choose_timeout_s),
+            grace_s=options.probe_grace_s,
+            prefer=prefer,
+        )
+        pending: dict[asyncio.Task[Probe], PeerRecord] = {}
+        try:
+            while True:
+                step = plan_choice(state, time.monotonic(), len(pending), len(queue), options.max_parallel_probes)
+                if step.kind == "look_again":
+                    state.looked_again = True  # every candidate is in flight or failed: look for others meanwhile
+                    new = [record for record in await self.peers(fresh=True) if record.peer_id not in records]
+                    records.update((record.peer_id, record) for record in new)
+                    queue = candidates_to_probe(new, skip, len(records), self.rng, proven)
+                elif step.kind == "launch":
+                    now = time.monotonic()
+                    for record in queue[: step.count]:
+                        probe_deadline = min(deadline, now + options.probe_timeout_s)
+                        pending[asyncio.create_task(self.vet(record, probe_deadline))] = record
+                    del queue[: step.count]
+                    state.launched(now)
+                elif step.kind == "wait":
+                    done, _ = await asyncio.wait(
+                        list(pending), timeout=max(0.0, step.until - time.monotonic()), return_when="FIRST_COMPLETED"
+                    )
+                    for task in done:
+                        pending.pop(task)
+                        if task.exception() is None:
+                            state.passed_probe(task.result(), time.monotonic())
+                else:
+                    break
+        finally:
+            # Probes still in flight go on in the background: their verdicts (bans, proofs) are kept.
+            for task in pending:
+                self._background.add(task)
+                task.add_done_callback(self._forget)
+        if state.passed:
+            chosen = choose_with_affinity(state.passed, prefer, self.rng, self.chooser)
+            return records[chosen.peer_id], chosen
+        model = self.model_sha256 or self.model_name or "the most served model"
+        raise NoPeersError(
+            f"no usable peer for {model} within {options.choose_timeout_s:g} s through {self.description}: none "
+            f"found, or all are down, banned or failed their checks ({dict(self.failures) or 'no probe failed'})"
+        )
+
+    def _forget(self, task: asyncio.Task[Probe]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it: the verdict is already kept
+
+    async def views(self) -> list[PeerView]:
+        """Every live peer of the last lookup, with what this router saw of it."""
+        records = await self.peers()
+        now_wall, now = time.time(), time.monotonic()
+        views = []
+        for record in records:
+            probe = self._probes.get(record.peer_id)
+            views.append(
+                PeerView(
+                    peer_id=record.peer_id,
+                    url=record.endpoints[0],
+                    model=record.model,
+                    sha256=record.sha256,
+                    verified=self.proven(record),
+                    slots_total=probe.slots_total if probe else record.slots_total,
+                    slots_free=probe.slots_free if probe else record.slots_free,
+                    queue=probe.queue if probe else record.queue,
+                    rtt_ms=round(probe.rtt_s * 1000, 1) if probe else None,
+                    tokens_per_s=self._speed.get(record.peer_id),
+                    claimed_tokens_per_s=record.tokens_per_s,
+                    age_s=round(record.age_s(now_wall), 1),
+                    path="direct",
+                    banned=self.bans.is_banned(record.peer_id, now),
+                    last_failure=self._last_failure.get(record.peer_id),
+                )
+            )
+        return views
+
+    # --- conversations ----------------------------------------------------------------------
+
+    def peer_of(self, messages: Sequence[dict[str, Any]]) -> str | None:
+        """The peer that answered the longest earlier part of this conversation (its history and that answer)."""
+        for end in range(len(messages) - 1, 0, -1):
+            peer = self._affinity.get(conversation_key(messages[:end]))
+            if peer is not None:
+                return peer
+        return None
+
+    def remember(self, messages: Sequence[dict[str, Any]], peer_id: str) -> None:
+        """``peer_id`` answered: ``messages`` is the conversation with that answer as its last message."""
+        key = conversation_key(messages)
+        self._affinity[key] = peer_id
+        self._affinity.move_to_end(key)
+        while len(self._affinity) > AFFINITY_ENTRIES:
+            self._affinity.popitem(last=False)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def answer(self, plan: AnswerPlan, *, prefer: str | None = None) -> RoutedAnswer:
+        """One answer to ``plan``; iterate it for its events. A chat goes back to the peer of its last turn."""
+        if prefer is None and plan.chat and isinstance(plan.body.get("messages"), list):
+            prefer = self.peer_of(plan.body["messages"])
+        return RoutedAnswer(self, plan, prefer=prefer)
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        self._background.clear()
+        await self.http.aclose()
+
+
+class RoutedAnswer:
+    """One answer, whichever peers produce it. Iterate (``async for``) for ``PeerOpened``/``PeerChunk`` events.
+
+    Once the iteration has ended: ``peers`` lists the URLs that served it, ``switches`` every move,
+    ``prompt_tokens``/``completion_tokens`` the whole answer's usage and ``stats`` its timings.
+    Raises ``ClientError`` for a worker's own refusal (a 4xx that any peer would give), and when a
+    peer fails after text has streamed and the plan cannot be resumed; ``NoPeersError`` when no
+    peer is left within ``max_attempts``.
+    """
+
+    def __init__(self, router: Router, plan: AnswerPlan, *, prefer: str | None = None) -> None:
+        self.router = router
+        self.plan = plan
+        self.prefer = prefer
+        self.peers: list[str] = []
+        self.switches: list[Switch] = []
+        self.attempts = 0
+        self.prompt_tokens: int | None = None
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.partial = ""
+        self.stats: StreamStats | None = None
+
+    def __aiter__(self) -> AsyncIterator[PeerOpened | PeerChunk]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[PeerOpened | PeerChunk]:
+        router = self.router
+        started = time.perf_counter()
+        first: float | None = None
+        deltas = 0
+        tried: set[str] = set()
+        reason = ""
+        last_url: str | None = None
+        while True:
+            if self.attempts >= router.options.max_attempts:
+                where = f" after {len(self.partial)} characters of the answer" if self.partial else ""
+                raise NoPeersError(f"gave up after {self.attempts} attempts{where}; last failure: {reason}")
+            record, probe = await router.pick(tried, self.prefer if last_url is None else None)
+            switch = None
+            if last_url is not None:
+                switch = Switch(last_url, probe.url, reason, len(self.partial))
+                self.switches.append(switch)
+                log.info("peer %s failed (%s); continuing on %s", last_url, reason, probe.url)
+            tried.add(record.peer_id)
+            self.attempts += 1
+            last_url = probe.url
+            earlier = deltas
+            body = self.plan.body if not self.partial else resumed_body(self.plan, self.partial, deltas)
+            limit = None if self.plan.max_deltas is None else max(1, self.plan.max_deltas - deltas)
+            stream: WorkerStream | None = None
+            peer_first: float | None = None
+            usage: tuple[int | None, int | None] = (None, None)
+            try:
+                stream = await router.http.open_stream(probe.url, self.plan.path, body, max_tokens=limit)
+                self.peers.append(probe.url)
+                yield PeerOpened(record.peer_id, probe.url, switch)
+                async for chunk in stream.chunks():
+                    if chunk.text:
+                        now = time.perf_counter()
+                        first = first if first is not None else now
+                        peer_first = peer_first if peer_first is not None else now
+                        self.partial += chunk.text
+                        deltas += 1
+                    if chunk.completion_tokens is not None:
+                        usage = (chunk.prompt_tokens, chunk.completion_tokens)
+                    self.finish_reason = chunk.finish_reason or self.finish_reason
+                    yield PeerChunk(record.peer_id, chunk)
+            except ClientError as exc:
+                if failure_action(exc.status, bool(self.partial)) == "fatal":
+                    raise
+                router.fail(record.peer_id, exc.message)
+                reason = exc.message
+                if self.partial and not self.plan.resumable:
+                    raise ClientError(
+                        f"the peer serving this answer failed after {len(self.partial)} characters ({exc.message}); "
+                        "an answer with several choices, tools or structured output cannot be resumed elsewhere"
+                    ) from exc
+                continue
+            finally:
+                if stream is not None:
+                    await stream.aclose()
+            if stream is not None and stream.overran:
+                # More text than was asked for: the answer ends at the limit, the peer is not trusted again soon.
+                router.fail(record.peer_id, "sent more text than max_tokens")
+                log.warning("peer %s sent more text than max_tokens; the answer ends at the limit", probe.url)
+                self.finish_reason = "length"
+            else:
+                router.succeed(record.peer_id)
+            prompt_tokens, completion_tokens = usage
+            # Tokens of abandoned peers are counted as the deltas they sent; the resumed prompt held them.
+            self.completion_tokens = earlier + (
+                completion_tokens if completion_tokens is not None else deltas - earlier
+            )
+            self.prompt_tokens = None if prompt_tokens is None else max(0, prompt_tokens - earlier)
+            self.stats = stream_stats(started, first, self.prompt_tokens, self.completion_tokens, self.finish_reason)
+            if peer_first is not None and deltas - earlier > 1:
+                router.observe_speed(
+                    record.peer_id, (deltas - earlier - 1) / max(1e-6, time.perf_counter() - peer_first)
+                )
+            if self.plan.chat and isinstance(body.get("messages"), list):
+                router.remember(resumed_body(self.plan, self.partial, 0)["messages"], record.peer_id)
+            return
