@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -42,8 +43,32 @@ class NetworkSettings(BaseSettings):
         default=0x50494E46,
         ge=1,
         le=2**32 - 1,
-        description="Private DHT network id; nodes of other networks (such as the public Jami DHT) are ignored.",
+        description="Private DHT network id; nodes of other networks (such as the public Jami DHT) are ignored. "
+        "On the LAN it is the 'net' of the mDNS TXT record: services of other networks are ignored.",
     )
+    lan: bool = Field(
+        default=False,
+        description="Zero-config discovery on this LAN (mDNS/DNS-SD, _peerinfer._tcp): a worker announces its "
+        "signed record there (also with no bootstrap); a client's default for --lan. Off: nothing is sent on the LAN.",
+    )
+    lan_interfaces: NameList = Field(
+        default=(),
+        max_length=64,
+        description="IPv4 addresses (comma-separated) of the interfaces mDNS uses. Empty: every IPv4 interface.",
+    )
+
+    @field_validator("lan_interfaces", mode="before")
+    @classmethod
+    def _split_interfaces(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, list | tuple):
+            for address in value:
+                try:
+                    ipaddress.IPv4Address(address)
+                except ValueError as exc:
+                    raise ValueError(f"{str(address)[:60]!r} is not an IPv4 address such as 192.168.1.20") from exc
+        return value
 
 
 def read_chat_template(path: Path) -> str:

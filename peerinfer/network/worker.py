@@ -1,11 +1,12 @@
 """What a worker adds to its app when the network is on.
 
-At start-up it loads (or creates) its identity and starts a DHT node. Once the model is ready it
-measures its own speed once, then announces a signed record under its model's key and the
-directory key every ``record_refresh_s``; each record lives ``record_lifetime_s``, so a worker
-killed with -9 drops out by itself. A graceful stop announces a signed withdrawal. It also answers
-``POST /peer/challenge`` by signing the client's nonce, and logs an error when another live
-process announces its peer id.
+At start-up it loads (or creates) its identity and starts a DHT node (when the DHT is on). Once
+the model is ready it measures its own speed once, then announces a signed record under its
+model's key and the directory key every ``record_refresh_s``, and, with ``PEERINFER_LAN=1``, the
+same record in its mDNS service on the LAN (``network.lan``); each record lives
+``record_lifetime_s``, so a worker killed with -9 drops out by itself. A graceful stop announces a
+signed withdrawal on both. It also answers ``POST /peer/challenge`` by signing the client's
+nonce, and logs an error when another live process announces its peer id on the DHT.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -26,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from peerinfer.api.openai import parse_request
 from peerinfer.engine.base import Engine, Finished, Generation, SamplingParams, TextDelta
 from peerinfer.errors import OverloadedError, PeerInferError, RequestError
-from peerinfer.network.addresses import dht_bind_host, guess_announce_url, parse_bootstrap
+from peerinfer.network.addresses import dht_bind_host, guess_announce_url, is_loopback, parse_bootstrap
 from peerinfer.network.dht import DhtNode
 from peerinfer.network.identity import PeerIdentity, b64, load_or_create_identity, unb64
 from peerinfer.network.records import (
@@ -44,11 +47,19 @@ from peerinfer.server.guards import read_json_body
 from peerinfer.server.openapi import errors
 from peerinfer.settings import WorkerSettings
 
+if TYPE_CHECKING:
+    from peerinfer.network.lan import LanAnnouncer
+
 log = logging.getLogger(__name__)
 CALIBRATION_TOKENS = 16
 
 
-def _this_host() -> str:
+def _this_host(lan: bool = False) -> str:
+    """This machine's address for a wildcard ``--host``; on the LAN, the interface mDNS goes out of."""
+    if lan:
+        from peerinfer.network.lan import guess_lan_address
+
+        return guess_lan_address() or "127.0.0.1"
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
@@ -75,17 +86,21 @@ async def measure_tokens_per_s(engine: Engine) -> float:
 
 
 class WorkerNetwork:
-    """The worker's DHT node, announcer and challenge endpoint. Construction touches nothing."""
+    """The worker's DHT node and LAN service (either or both), announcer and challenge endpoint.
+
+    Construction touches nothing.
+    """
 
     def __init__(self, settings: WorkerSettings, argv: list[str] | None = None) -> None:
         self.settings = settings
         self.bootstrap = parse_bootstrap(settings.bootstrap)
         self.announce_url = settings.announce_url or guess_announce_url(
-            argv if argv is not None else sys.argv, _this_host()
+            argv if argv is not None else sys.argv, _this_host(settings.lan)
         )
         self.instance = secrets.token_hex(8)
         self.identity: PeerIdentity | None = None
         self.node: DhtNode | None = None
+        self.lan: LanAnnouncer | None = None
         self.tokens_per_s = 0.0
         self.started_at = 0.0
         self.clashes: set[str] = set()
@@ -97,6 +112,36 @@ class WorkerNetwork:
         """Load the identity and join the DHT; the record is announced later, by ``announce_when_ready``."""
         self.started_at = time.time()
         self.identity = await asyncio.to_thread(load_or_create_identity, self.settings.home)
+        if self.settings.lan:
+            self._start_lan(self.identity.peer_id)
+        if self.settings.dht_enabled:
+            self._start_dht(self.identity.peer_id)
+
+    def _start_lan(self, peer_id: str) -> None:
+        from peerinfer.network.lan import LanAnnouncer
+
+        self.lan = LanAnnouncer(
+            peer_id=peer_id,
+            url=self.announce_url,
+            network_id=self.settings.network_id,
+            ttl_s=self.settings.record_lifetime_s,
+            interfaces=self.settings.lan_interfaces,
+        )
+        host = urlsplit(self.announce_url).hostname or ""
+        if is_loopback(host):
+            log.warning(
+                "PEERINFER_LAN=1 but this worker announces %s, a loopback address that other machines cannot "
+                "reach; start it with --host 0.0.0.0 (or its LAN address), or set PEERINFER_ANNOUNCE_URL",
+                self.announce_url,
+            )
+        log.info(
+            "peer %s: announcing %s on the LAN (mDNS, network %#x)",
+            peer_id,
+            self.announce_url,
+            self.settings.network_id,
+        )
+
+    def _start_dht(self, peer_id: str) -> None:
         host = dht_bind_host(self.settings.dht_host, self.bootstrap)
         self.node = DhtNode(
             host=host,
@@ -107,7 +152,7 @@ class WorkerNetwork:
         )
         log.info(
             "peer %s: DHT node on udp %s:%d (network %#x), bootstrap %s, announcing %s",
-            self.identity.peer_id,
+            peer_id,
             host,
             self.node.port,
             self.settings.network_id,
@@ -146,6 +191,14 @@ class WorkerNetwork:
         self.node.put(model_key(record.sha256), data)
         self.node.put(DIRECTORY_KEY, data)
 
+    def _steps(self) -> list[tuple[str, Callable[[Engine], Awaitable[None]]]]:
+        steps: list[tuple[str, Callable[[Engine], Awaitable[None]]]] = []
+        if self.node is not None:
+            steps += [("DHT: announcing the record", self._announce), ("DHT: the clash check", self._check_clash)]
+        if self.lan is not None:
+            steps.append(("LAN: announcing the record", self._announce_lan))
+        return steps
+
     async def _announce_loop(self, loaded: asyncio.Task[None], ready: Callable[[], bool], engine: Engine) -> None:
         await asyncio.shield(loaded)
         if not ready():
@@ -155,28 +208,34 @@ class WorkerNetwork:
         except Exception as exc:  # the worker still serves and announces, with an unknown speed
             log.warning("could not measure tokens/s (%s); announcing 0", _one_line(exc))
         refresh = self.settings.record_refresh_s or self.settings.record_lifetime_s / 3
-        failures = 0
-        while True:
-            # One bad step (a DHT put that raises, a value that trips the clash check) must not end
-            # the announcements: the record would expire and the worker leave the network unseen.
-            for what, step in (("announcing the record", self._announce), ("the clash check", self._check_clash)):
+        steps = self._steps()
+        failures = dict.fromkeys((what for what, _ in steps), 0)
+        while steps:
+            # One bad step (a DHT put that raises, a value that trips the clash check, mDNS sockets
+            # gone) must not end the announcements: the record would expire and the worker leave
+            # the network unseen.
+            for what, step in steps:
                 try:
                     await step(engine)
-                    failures = 0
+                    failures[what] = 0
                 except Exception as exc:
-                    failures += 1
+                    failures[what] += 1
                     log.error(
-                        "DHT: %s failed (%s; %d failures in a row); the worker keeps announcing every %.1f s",
+                        "%s failed (%s; %d failures in a row); the worker keeps announcing every %.1f s",
                         what,
                         _one_line(exc),
-                        failures,
+                        failures[what],
                         refresh,
                     )
                 self.announce_rounds += 1
-                await asyncio.sleep(refresh / 2)
+                await asyncio.sleep(refresh / len(steps))
 
     async def _announce(self, engine: Engine) -> None:
         self._put(self.record(engine))
+
+    async def _announce_lan(self, engine: Engine) -> None:
+        assert self.identity is not None and self.lan is not None
+        await asyncio.to_thread(self.lan.announce, sign_record(self.record(engine), self.identity))
 
     async def _check_clash(self, engine: Engine) -> None:
         assert self.identity is not None and self.node is not None
@@ -195,17 +254,27 @@ class WorkerNetwork:
                 )
 
     async def stop(self, engine: Engine, ready: bool) -> None:
-        """Withdraw the record at once, then leave the DHT."""
+        """Withdraw the record at once, then leave the DHT and send the LAN's goodbye."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        withdrawal = self.record(engine, withdrawn=True) if ready and self.identity is not None else None
+        if self.node is not None and withdrawal is not None and self.identity is not None:
+            self._put(withdrawal)
+            log.info("peer %s withdrew its record", self.identity.peer_id)
+        if self.lan is not None:
+            signed = sign_record(withdrawal, self.identity) if withdrawal and self.identity else None
+            try:  # the goodbye waits withdraw_grace_s after the withdrawal: the DHT's puts leave meanwhile
+                await asyncio.to_thread(self.lan.close, signed, self.settings.withdraw_grace_s)
+            except Exception as exc:
+                log.error(
+                    "LAN: the goodbye failed (%s); browsers drop this worker when its record expires", _one_line(exc)
+                )
+        elif withdrawal is not None:
+            await asyncio.sleep(self.settings.withdraw_grace_s)
         if self.node is None:
             return
-        if ready and self.identity is not None:
-            self._put(self.record(engine, withdrawn=True))
-            log.info("peer %s withdrew its record", self.identity.peer_id)
-            await asyncio.sleep(self.settings.withdraw_grace_s)
         await asyncio.to_thread(self.node.close)
 
     def _make_router(self) -> APIRouter:

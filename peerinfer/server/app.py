@@ -129,7 +129,7 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
     )
 
     network = None
-    if settings.dht_enabled:
+    if settings.dht_enabled or settings.lan:
         from peerinfer.network.worker import WorkerNetwork
 
         network = WorkerNetwork(settings)

@@ -1,0 +1,218 @@
+"""mDNS discovery on loopback: a PEERINFER_LAN=1 worker is found and verified; forged TXT records are not."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from zeroconf import IPVersion, ServiceInfo, Zeroconf
+
+from peerinfer.engine.fake import FakeEngine
+from peerinfer.errors import ConfigError
+from peerinfer.network.discovery import Discovery
+from peerinfer.network.identity import PeerIdentity
+from peerinfer.network.lan import SERVICE_TYPE, LanStore, encode_txt
+from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, model_key, sign_record, verify_challenge
+from peerinfer.network.sources import open_discovery
+from peerinfer.server.app import create_app
+from peerinfer.settings import WorkerSettings
+from tests.network_support import ThreadWorker, network_id, story_responder, wait_until
+from tests.test_network_records import make_record
+
+LOOPBACK = ("127.0.0.1",)
+FAKE_SHA = FakeEngine().info.sha256
+
+
+def lan_settings(home: Path, net: int, url: str, **overrides: object) -> WorkerSettings:
+    values: dict[str, object] = {
+        "exit_on_load_failure": False,
+        "log_level": "WARNING",
+        "home": home,
+        "lan": True,
+        "lan_interfaces": LOOPBACK,
+        "network_id": net,
+        "announce_url": url,
+        "record_lifetime_s": 30.0,
+        "record_refresh_s": 1.0,
+        "withdraw_grace_s": 0.2,
+    }
+    values.update(overrides)
+    return WorkerSettings.model_validate(values)
+
+
+def start_worker(home: Path, net: int) -> ThreadWorker:
+    engine = FakeEngine(story_responder, token_delay_s=0.002, slots=2, max_queue=8)
+    worker = ThreadWorker(engine, lambda url: lan_settings(home, net, url))
+    # Registered on the LAN (mDNS probing done) before any client exists.
+    wait_until(lambda: worker.app.state.network.lan._info is not None, 20, "the worker did not announce on the LAN")
+    return worker
+
+
+@pytest.fixture
+def net() -> int:
+    return network_id()
+
+
+@pytest.fixture
+def worker(tmp_path: Path, net: int) -> Iterator[ThreadWorker]:
+    running = start_worker(tmp_path / "home", net)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def proves_key(record: PeerRecord) -> bool:
+    """The challenge a client sends: the peer signs a fresh nonce with its record's key."""
+    nonce = secrets.token_bytes(32)
+    answer = requests.post(
+        record.endpoints[0] + "/peer/challenge", json={"nonce": base64.b64encode(nonce).decode()}, timeout=5
+    )
+    return answer.status_code == 200 and verify_challenge(record, nonce, answer.json())
+
+
+def test_a_client_started_after_a_lan_worker_finds_it_verified(worker: ThreadWorker, net: int) -> None:
+    with open_discovery(
+        bootstrap="", lan=True, network_id=net, dht_host=None, timeout_s=10.0, lan_interfaces=LOOPBACK
+    ) as opened:
+        assert opened.description == "the LAN (mDNS)"
+        found = opened.discovery.lookup()
+        assert [record.peer_id for record in found.records] == [worker.peer_id]
+        record = found.records[0]
+        assert record.endpoints == (worker.url,)
+        assert (record.sha256, record.model) == (FAKE_SHA, FakeEngine().info.model_id)
+        assert record.slots_total == 2
+        assert proves_key(record)
+        # The worker re-announces (issued_at moves on); the browser reads the updated TXT.
+        first = record.issued_at
+        wait_until(
+            lambda: any(r.issued_at > first + 1 for r in opened.discovery.lookup(FAKE_SHA).records),
+            20,
+            "the LAN record was never refreshed",
+        )
+
+
+def test_another_network_id_does_not_see_the_worker(worker: ThreadWorker, net: int) -> None:
+    with LanStore(network_id=net + 1, interfaces=LOOPBACK) as store:
+        assert Discovery(store, timeout_s=1.5).lookup().records == []
+
+
+def test_lan_is_off_by_default_and_a_network_of_none_is_a_clear_error(tmp_path: Path) -> None:
+    settings = WorkerSettings(home=tmp_path / "home", exit_on_load_failure=False, log_level="WARNING")
+    assert not settings.lan
+    assert create_app(settings, FakeEngine()).state.network is None  # nothing announced, no /peer/challenge
+    with pytest.raises(ConfigError, match="--lan to find workers on this LAN"):
+        open_discovery(bootstrap="", lan=False, network_id=1, dht_host=None, timeout_s=1.0)
+
+
+def test_the_goodbye_on_stop_removes_the_worker(tmp_path: Path, net: int) -> None:
+    running = start_worker(tmp_path / "home", net)
+    try:
+        with LanStore(network_id=net, interfaces=LOOPBACK) as store:
+            discovery = Discovery(store, timeout_s=10.0)
+            assert [r.peer_id for r in discovery.lookup().records] == [running.peer_id]
+            running.stop()
+            # Its record lives 30 s: gone sooner means the withdrawal and goodbye were heard.
+            wait_until(lambda: not discovery.verified(DIRECTORY_KEY).records, 10, "the stopped worker is still listed")
+            assert discovery.verified(model_key(FAKE_SHA)).records == []
+    finally:
+        running.stop()
+
+
+def _txt(*strings: bytes) -> bytes:
+    return b"".join(bytes([len(item)]) + item for item in strings)
+
+
+def _header(peer_id: str, net: int) -> list[bytes]:
+    return [b"v=1", b"id=" + peer_id.encode(), f"net={net:x}".encode()]
+
+
+def _fresh(identity: PeerIdentity, **changes: object) -> PeerRecord:
+    now = time.time()
+    return make_record(identity, sha256=FAKE_SHA, issued_at=now, expires_at=now + 30, **changes)
+
+
+def _forgeries(net: int, real_url: str) -> dict[str, bytes]:
+    """TXT records an attacker on the LAN could send, by the reason each must be dropped for."""
+    mallory, other = PeerIdentity.generate(), PeerIdentity.generate()
+    tampered = json.loads(sign_record(_fresh(mallory), mallory))
+    tampered["record"]["slots_free"] = 0  # changed after signing
+    bad_sig = json.dumps(tampered, sort_keys=True, separators=(",", ":")).encode()
+    # Signed by `other`, but claiming mallory's peer id: the id does not belong to the key.
+    stolen_id = sign_record(_fresh(other, peer_id=mallory.peer_id), other)
+    # Validly signed, with the real worker's endpoint, under mallory's key: only the challenge can tell.
+    impostor = sign_record(_fresh(mallory, endpoints=(real_url,), instance="fedcba9876543210"), mallory)
+    head = _header(mallory.peer_id, net)
+    return {
+        "bad_signature": encode_txt(bad_sig, mallory.peer_id, net),
+        "id_mismatch": encode_txt(stolen_id, mallory.peer_id, net),
+        "impostor": encode_txt(impostor, mallory.peer_id, net),
+        "malformed": _txt(*head, b"r0=\xff\xfe" + bytes(range(200))),
+        "too_large": _txt(*head, *(f"r{i}=".encode() + b"A" * 250 for i in range(17))),
+        "missing_piece": _txt(*head, b"r0={", b"r2=}"),
+        "no_record": _txt(*head),
+        "bad_version": _txt(b"v=2", *head[1:], b"r0={}"),
+        "bad_txt": _txt(*head, b"r0={}", b"r0={}"),
+        "truncated": _txt(*head) + b"\xfftoo short",
+        "bad_id": _txt(b"v=1", b"id=zz", f"net={net:x}".encode(), b"r0={}"),
+    }
+
+
+@contextlib.contextmanager
+def forged_services(net: int, real_url: str) -> Iterator[dict[str, bytes]]:
+    """The forgeries registered on loopback by a zeroconf of the test's own, as services of ``net``."""
+    forgeries = _forgeries(net, real_url)
+    zc = Zeroconf(interfaces=list(LOOPBACK), ip_version=IPVersion.V4Only)
+    infos = [
+        ServiceInfo(
+            SERVICE_TYPE,
+            f"forged-{reason.replace('_', '-')}-{secrets.token_hex(4)}.{SERVICE_TYPE}",
+            port=9,
+            properties=text,
+            server=f"forged-{secrets.token_hex(4)}.local.",
+            parsed_addresses=["127.0.0.1"],
+        )
+        for reason, text in forgeries.items()
+    ]
+    try:
+        with ThreadPoolExecutor(max_workers=len(infos)) as pool:  # each registration probes for ~1 s
+            list(pool.map(zc.register_service, infos))
+        yield forgeries
+    finally:
+        zc.close()
+
+
+def test_forged_txt_records_are_dropped_and_counted_and_never_raise(worker: ThreadWorker, net: int) -> None:
+    with forged_services(net, worker.url) as forgeries, LanStore(network_id=net, interfaces=LOOPBACK) as store:
+        discovery = Discovery(store, timeout_s=10.0)
+        wait_until(lambda: store.services >= len(forgeries) + 1, 20, "the browser did not see every service")
+        found = discovery.lookup(FAKE_SHA, min_peers=2)
+        listed = {record.peer_id: record for record in found.records}
+        # The impostor's record is validly signed and names the real worker's endpoint: it is
+        # listed, and the challenge (answered by the real worker, with its own key) fails.
+        assert worker.peer_id in listed and len(listed) == 2
+        assert proves_key(listed.pop(worker.peer_id))
+        assert not proves_key(next(iter(listed.values())))
+        for reason in ("bad_signature", "id_mismatch", "malformed"):
+            assert discovery.rejected[reason] >= 1, (reason, discovery.rejected)
+        for reason in ("bad_txt", "missing_piece", "too_large", "bad_version"):
+            assert store.rejected[reason] >= 1, (reason, store.rejected)
+        assert store.rejected["bad_txt"] >= 3 and store.rejected["missing_piece"] >= 2  # each reason's every case
+
+
+def test_a_flood_of_services_is_bounded(worker: ThreadWorker, net: int) -> None:
+    with (
+        forged_services(net, worker.url) as forgeries,
+        LanStore(network_id=net, interfaces=LOOPBACK, max_services=4) as store,
+    ):
+        wait_until(lambda: store.rejected["over_limit"] >= 1, 20, "the browser remembered more than its limit")
+        assert store.services == 4 < len(forgeries) + 1
+        assert len(store.get(DIRECTORY_KEY, 1.0)) <= 4
