@@ -144,6 +144,8 @@ def plan_choice(state: ChoiceState, now: float, in_flight: int, queued: int, max
     if (in_flight == 0 and queued == 0) or now >= state.deadline:
         return ChoiceStep("done")
     next_wave = state.launched_at + state.interval_s if queued and not state.passed else math.inf
+    if next_wave <= now:  # due, but the cap on probes in flight is reached: the next one to end makes room
+        next_wave = math.inf
     return ChoiceStep("wait", until=min(state.deadline, grace_until, next_wave))
 
 

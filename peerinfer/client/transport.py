@@ -7,7 +7,7 @@ A worker is a stranger, so nothing here trusts it to answer, to answer quickly o
 
 - a probe or a challenge (``exchange``) has one deadline for the whole exchange, however slowly
   the peer drips its bytes, and reads at most ``max_bytes`` of the reply;
-- replies are read raw: a compressed body is refused rather than inflated;
+- replies must come identity-encoded: a compressed body is refused rather than inflated;
 - a stream (``WorkerStream``) is read strictly, event by event (see ``TextStream`` rules in
   ``WorkerStream``'s docstring).
 
@@ -63,7 +63,7 @@ async def _read_capped(response: httpx.Response, max_bytes: int, what: str) -> b
     if encoding not in ("", "identity"):
         raise PeerRejected("malformed", f"the reply to {what} is {encoding[:20]}-encoded; identity was asked for")
     body = bytearray()
-    async for piece in response.aiter_raw():
+    async for piece in response.aiter_bytes():  # identity-encoded: the bytes as they came
         body += piece
         if len(body) > max_bytes:
             raise PeerRejected("too_large", f"the reply to {what} is over {max_bytes} bytes")
@@ -180,6 +180,10 @@ class WorkerHttp:
             raise ClientError(f"the request to {url} failed: {type(exc).__name__}") from exc
         if response.status_code != 200:
             raise await _refusal(response, url)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            await response.aclose()
+            raise ClientError(f"the worker at {url} sent a {encoding[:20]}-encoded stream; identity was asked for")
         return WorkerStream(response, url, started, idle_timeout_s=self.read_timeout_s, max_tokens=max_tokens)
 
     async def aclose(self) -> None:
@@ -237,7 +241,7 @@ class WorkerStream:
         chars = 0
         progress = time.monotonic()  # when text last arrived
         try:
-            async for piece in self._response.aiter_raw():
+            async for piece in self._response.aiter_bytes():  # identity-encoded (checked on opening)
                 if time.monotonic() - progress > self._idle_timeout_s:
                     raise ClientError(f"the worker sent no text for {self._idle_timeout_s:g} s")
                 for event in parser.feed(piece):
