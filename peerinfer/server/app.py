@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peerinfer.api import openai as wire
+from peerinfer.api.health import HealthReport
 from peerinfer.api.responses import ResponsesRequest, parse_responses_request
 from peerinfer.engine.base import Engine
 from peerinfer.errors import AuthError, ConfigError, NotFoundError, OverloadedError, PeerInferError
@@ -236,33 +237,33 @@ def _require_ready(state: WorkerState) -> None:
         raise OverloadedError(f"{detail}; retry shortly", retry_after=2)
 
 
+def _health_report(state: WorkerState) -> HealthReport:
+    if not state.ready:
+        error = state.load_error[:2000] if state.load_error else None
+        return HealthReport(status="failed" if error else "loading", error=error)
+    info = state.engine.info
+    stats = state.engine.stats()
+    # The engine's last decode call failed: it may serve nothing until one works again (503).
+    return HealthReport(
+        status="degraded" if stats.failing else "ok",
+        error=(stats.last_error or "decode failed")[:2000] if stats.failing else None,
+        decode_failures=stats.decode_failures if stats.failing else None,
+        model=info.model_id[:256],
+        sha256=info.sha256,
+        n_ctx=info.n_ctx,
+        slots_total=stats.slots_total,
+        slots_busy=stats.slots_busy,
+        slots_free=stats.slots_total - stats.slots_busy,
+        requests_running=stats.slots_busy,
+        requests_waiting=stats.queued,
+    )
+
+
 def _add_routes(app: FastAPI, state: WorkerState) -> None:
     @app.get("/health", responses=openapi.HEALTH_RESPONSES)
     async def health() -> JSONResponse:
-        if not state.ready:
-            body: dict[str, Any] = {"status": "failed" if state.load_error else "loading"}
-            if state.load_error:
-                body["error"] = state.load_error
-            return JSONResponse(body, status_code=503)
-        info = state.engine.info
-        stats = state.engine.stats()
-        # The engine's last decode call failed: it may serve nothing until one works again (503).
-        failing = {"error": stats.last_error, "decode_failures": stats.decode_failures} if stats.failing else {}
-        return JSONResponse(
-            {
-                "status": "degraded" if failing else "ok",
-                **failing,
-                "model": info.model_id,
-                "sha256": info.sha256,
-                "n_ctx": info.n_ctx,
-                "slots_total": stats.slots_total,
-                "slots_busy": stats.slots_busy,
-                "slots_free": stats.slots_total - stats.slots_busy,
-                "requests_running": stats.slots_busy,
-                "requests_waiting": stats.queued,
-            },
-            status_code=503 if failing else 200,
-        )
+        report = _health_report(state)
+        return JSONResponse(report.wire(), status_code=report.http_status())
 
     def model_object() -> dict[str, Any]:
         info = state.engine.info
