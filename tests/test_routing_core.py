@@ -164,6 +164,12 @@ def test_the_workers_health_is_what_clients_read() -> None:
     engine = FakeEngine(lambda prompt: "hi", slots=3)
     with TestClient(create_app(engine=engine)) as client:
         reply = client.get("/health")
+        for _ in range(200):  # the model loads in the lifespan, off the loop: "loading" until then
+            if reply.status_code == 200:
+                break
+            assert read_health(reply.content).status == "loading"
+            time.sleep(0.02)
+            reply = client.get("/health")
     report = read_health(reply.content)
     assert reply.status_code == 200 and report.serving
     assert (report.slots_total, report.slots_free, report.requests_waiting) == (3, 3, 0)

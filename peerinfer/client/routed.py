@@ -144,10 +144,11 @@ class RoutedClient:
 
     def chat_stream(self, messages: list[Message], **params: Any) -> RoutedStream:
         plan = chat_plan({"messages": messages, **params, "stream": True})
-        return RoutedStream(self, self.router.answer(plan))
+        return RoutedStream(self._loop, self.router.answer(plan), self.on_switch)
 
     def completion_stream(self, prompt: str, **params: Any) -> RoutedStream:
-        return RoutedStream(self, self.router.answer(completion_plan({"prompt": prompt, **params, "stream": True})))
+        plan = completion_plan({"prompt": prompt, **params, "stream": True})
+        return RoutedStream(self._loop, self.router.answer(plan), self.on_switch)
 
     def chat(self, messages: list[Message], **params: Any) -> str:
         return "".join(self.chat_stream(messages, **params))
@@ -169,13 +170,16 @@ class RoutedStream:
     """Iterate for text deltas of one continuous answer, whichever peers produce it.
 
     ``peer_url`` is the peer in use; ``switches`` lists every move to another peer (each is also
-    passed to the client's ``on_switch``, on the caller's thread); ``stats`` covers the whole
-    answer once it is complete.
+    passed to ``on_switch``, on the caller's thread); ``stats`` covers the whole answer once it is
+    complete. It only carries the core's ``RoutedAnswer`` across to the caller's thread.
     """
 
-    def __init__(self, client: RoutedClient, answer: RoutedAnswer) -> None:
-        self._client = client
+    def __init__(
+        self, loop: BackgroundLoop, answer: RoutedAnswer, on_switch: Callable[[Switch], None] | None = None
+    ) -> None:
+        self._loop = loop
         self._answer = answer
+        self._on_switch = on_switch
         self.peer_url: str | None = None
 
     @property
@@ -191,10 +195,10 @@ class RoutedStream:
         return self._answer.stats
 
     def __iter__(self) -> Iterator[str]:
-        for event in self._client._loop.iterate(aiter(self._answer)):
+        for event in self._loop.iterate(aiter(self._answer)):
             if isinstance(event, PeerOpened):
                 self.peer_url = event.url
-                if event.switch is not None and self._client.on_switch is not None:
-                    self._client.on_switch(event.switch)
+                if event.switch is not None and self._on_switch is not None:
+                    self._on_switch(event.switch)
             elif isinstance(event, PeerChunk) and event.chunk.text:
                 yield event.chunk.text
