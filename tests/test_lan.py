@@ -24,7 +24,14 @@ from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, model_key, sign
 from peerinfer.network.sources import open_discovery
 from peerinfer.server.app import create_app
 from peerinfer.settings import WorkerSettings
-from tests.network_support import ThreadWorker, network_id, story_responder, wait_until
+from tests.network_support import (
+    ThreadWorker,
+    bootstrap_node,
+    net_settings,
+    network_id,
+    story_responder,
+    wait_until,
+)
 from tests.test_network_records import make_record
 
 LOOPBACK = ("127.0.0.1",)
@@ -206,6 +213,11 @@ def test_forged_txt_records_are_dropped_and_counted_and_never_raise(worker: Thre
         for reason in ("bad_txt", "missing_piece", "too_large", "bad_version"):
             assert store.rejected[reason] >= 1, (reason, store.rejected)
         assert store.rejected["bad_txt"] >= 3 and store.rejected["missing_piece"] >= 2  # each reason's every case
+        with open_discovery(
+            bootstrap="", lan=True, network_id=net, dht_host=None, timeout_s=10.0, lan_interfaces=LOOPBACK
+        ) as opened:  # what `peers` reports: the TXT checks' and the record checks' drops together
+            opened.discovery.lookup(FAKE_SHA, min_peers=2)
+            assert {"bad_txt", "too_large", "bad_signature", "id_mismatch"} <= set(opened.rejected)
 
 
 def test_a_flood_of_services_is_bounded(worker: ThreadWorker, net: int) -> None:
@@ -216,3 +228,27 @@ def test_a_flood_of_services_is_bounded(worker: ThreadWorker, net: int) -> None:
         wait_until(lambda: store.rejected["over_limit"] >= 1, 20, "the browser remembered more than its limit")
         assert store.services == 4 < len(forgeries) + 1
         assert len(store.get(DIRECTORY_KEY, 1.0)) <= 4
+
+
+def test_with_a_bootstrap_and_lan_discovery_merges_the_dht_and_the_lan(
+    worker: ThreadWorker, net: int, tmp_path: Path
+) -> None:
+    with bootstrap_node(net) as boot:
+        engine = FakeEngine(story_responder, token_delay_s=0.002, slots=2, max_queue=8)
+        on_dht = ThreadWorker(engine, lambda url: net_settings(tmp_path / "dht", boot, net, url))
+        try:
+            with open_discovery(
+                bootstrap=f"127.0.0.1:{boot.port}",
+                lan=True,
+                network_id=net,
+                dht_host=None,
+                timeout_s=10.0,
+                lan_interfaces=LOOPBACK,
+            ) as opened:
+                assert opened.description == f"the DHT through 127.0.0.1:{boot.port} and the LAN (mDNS)"
+                found = opened.discovery.lookup(FAKE_SHA, min_peers=2)
+                assert {r.endpoints[0] for r in found.records} == {worker.url, on_dht.url}
+                assert all(proves_key(record) for record in found.records)
+                assert not opened.rejected
+        finally:
+            on_dht.stop()

@@ -14,6 +14,7 @@ With both, one store merges the DHT node's values and the LAN's; discovery verif
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -66,6 +67,14 @@ class OpenedDiscovery:
     description: str
     stores: list[ClosableStore] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """Values dropped so far, by reason: discovery's checks and the LAN's TXT checks together."""
+        total = Counter(self.discovery.rejected)
+        for store in self.stores:
+            total.update(getattr(store, "rejected", None) or Counter())
+        return total
 
     def close(self) -> None:
         """Idempotent; closes every store even when one fails to close."""
