@@ -19,7 +19,7 @@ import httpx
 
 from peerinfer.api.health import HealthRejected, HealthReport, read_health
 from peerinfer.api.openai import COMPLETIONS_DEFAULT_MAX_TOKENS
-from peerinfer.client.core import StreamStats, stream_stats
+from peerinfer.client.answer import StreamStats, stream_stats
 from peerinfer.client.loop import BackgroundLoop
 from peerinfer.client.peer_http import PeerRejected
 from peerinfer.client.transport import WorkerHttp, WorkerStream
