@@ -401,3 +401,28 @@ def test_the_sdk_talks_to_one_worker_through_the_same_seam() -> None:
         assert "".join(stream) == "".join(WORDS[:3])  # more deltas than max_tokens: cut at the limit
         assert stream.overran and stream.finish_reason == "length"
         assert client.health().serving
+
+
+def test_a_survey_probes_every_known_peer_but_not_more_often_than_its_interval() -> None:
+    peers = ScriptedPeers({f"p{number}.test": ScriptedPeer() for number in range(5)})
+    health_calls: list[str] = []
+    inner = peers.transport
+
+    async def counting(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            health_calls.append(request.url.host)
+        return await inner.handle_async_request(request)
+
+    async def run() -> list[bool]:
+        router = Router(
+            Discovery(Store(peers.values()), timeout_s=0.5), WorkerHttp(transport=httpx.MockTransport(counting))
+        )
+        try:
+            first = await router.views(survey=True)
+            await router.views(survey=True)  # within the interval: no new probes
+            return [view.verified and view.rtt_ms is not None for view in first]
+        finally:
+            await router.aclose()
+
+    assert asyncio.run(run()) == [True] * 5
+    assert sorted(health_calls) == sorted(peers.peers)

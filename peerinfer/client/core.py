@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 Chooser = Callable[[Sequence[Probe], random.Random], Probe]
 AFFINITY_ENTRIES = 1024  # conversations remembered, least recently used forgotten first
 SPEED_WEIGHT = 0.3  # weight of the newest answer in a peer's measured tokens/s
+SURVEY_PEERS = 64  # peers a survey probes at most
+SURVEY_EVERY_S = 5.0  # at most one survey this often
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class Router:
         self._last_failure: dict[str, str] = {}
         self._speed: dict[str, float] = {}  # measured tokens/s of each peer's answers
         self._background: set[asyncio.Task[Probe]] = set()  # probes that outlived a choice
+        self._surveyed_at = -math.inf
 
     # --- discovery and choice -------------------------------------------------------------
 
@@ -276,8 +279,25 @@ class Router:
         if not task.cancelled():
             task.exception()  # retrieved, so asyncio does not log it: the verdict is already kept
 
-    async def views(self) -> list[PeerView]:
-        """Every live peer of the last lookup, with what this router saw of it."""
+    async def survey(self, limit: int = SURVEY_PEERS) -> None:
+        """Probe up to ``limit`` known peers at once (proven ones first), if the last survey is stale.
+
+        For a live view of the network: a choice probes only a few peers. At most one survey runs
+        every ``SURVEY_EVERY_S``, however often it is asked for, so a page that refreshes fast
+        cannot make the router flood the peers.
+        """
+        if time.monotonic() - self._surveyed_at < SURVEY_EVERY_S:
+            return
+        self._surveyed_at = time.monotonic()
+        records = await self.peers()
+        proven = {peer for peer, _ in self._verified}
+        chosen = candidates_to_probe(records, self.bans.banned(time.monotonic()), limit, self.rng, proven)
+        await asyncio.gather(*(self.probe(record) for record in chosen))
+
+    async def views(self, survey: bool = False) -> list[PeerView]:
+        """Every live peer of the last lookup, with what this router saw of it (after a ``survey``, if asked)."""
+        if survey:
+            await self.survey()
         records = await self.peers()
         now_wall, now = time.time(), time.monotonic()
         views = []
