@@ -23,23 +23,6 @@ from tests.netns_lab import NetnsLab, unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_TIMEOUT_S = 30
-# Until `peers` has --lan: the same lookup and checks through the library (open_discovery, the challenge).
-LIST_PEERS = """
-import json, sys
-from peerinfer.network.cli import check_peer
-from peerinfer.network.sources import open_discovery
-net, timeout_s = int(sys.argv[1]), float(sys.argv[2])
-with open_discovery(bootstrap="", lan=True, network_id=net, dht_host=None, timeout_s=timeout_s) as opened:
-    records = opened.discovery.lookup().records
-print(json.dumps([{"id": r.peer_id, "endpoint": r.endpoints[0], "verified": check_peer(r).verified} for r in records]))
-"""
-
-
-def _peers_has_lan() -> bool:
-    done = subprocess.run(
-        [sys.executable, "-m", "peerinfer", "peers", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
-    )
-    return "--lan" in done.stdout
 
 
 @pytest.fixture
@@ -75,11 +58,7 @@ def test_a_worker_in_one_namespace_is_found_verified_from_another(lab: NetnsLab,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    if _peers_has_lan():
-        argv = ["-m", "peerinfer", "peers", "--lan", "--json", "--network-id", str(net)]
-        argv += ["--timeout", str(PEERS_TIMEOUT_S)]
-    else:
-        argv = ["-c", LIST_PEERS, str(net), str(PEERS_TIMEOUT_S)]
+    argv = ["-m", "peerinfer", "peers", "--lan", "--json", "--network-id", str(net), "--timeout", str(PEERS_TIMEOUT_S)]
     listed = b.run([sys.executable, *argv], PEERS_TIMEOUT_S + 30, cwd=REPO, env=_env(tmp_path / "b", net))
     log.close()
     worker_log = (tmp_path / "worker.log").read_text()[-3000:]
