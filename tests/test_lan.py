@@ -11,16 +11,25 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import hypothesis
 import pytest
 import requests
+from hypothesis import strategies as st
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from peerinfer.engine.fake import FakeEngine
 from peerinfer.errors import ConfigError
 from peerinfer.network.discovery import Discovery
 from peerinfer.network.identity import PeerIdentity
-from peerinfer.network.lan import SERVICE_TYPE, LanStore, encode_txt
-from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, model_key, sign_record, verify_challenge
+from peerinfer.network.lan import SERVICE_TYPE, LanStore, decode_txt, encode_txt
+from peerinfer.network.records import (
+    DIRECTORY_KEY,
+    PeerRecord,
+    RecordRejected,
+    model_key,
+    sign_record,
+    verify_challenge,
+)
 from peerinfer.network.sources import open_discovery
 from peerinfer.server.app import create_app
 from peerinfer.settings import WorkerSettings
@@ -36,6 +45,7 @@ from tests.test_network_records import make_record
 
 LOOPBACK = ("127.0.0.1",)
 FAKE_SHA = FakeEngine().info.sha256
+FAST = hypothesis.settings(derandomize=True, max_examples=300, deadline=None)
 
 
 def lan_settings(home: Path, net: int, url: str, **overrides: object) -> WorkerSettings:
@@ -252,3 +262,32 @@ def test_with_a_bootstrap_and_lan_discovery_merges_the_dht_and_the_lan(
                 assert not opened.rejected
         finally:
             on_dht.stop()
+
+
+@FAST
+@hypothesis.given(st.binary(max_size=6000))
+def test_any_txt_bytes_are_a_record_or_a_counted_rejection(text: bytes) -> None:
+    try:
+        signed = decode_txt(text, 1)
+    except RecordRejected as exc:
+        assert exc.reason in {"bad_txt", "bad_version", "missing_piece", "too_large"}
+        return
+    assert signed is None or len(signed) <= 4096
+
+
+@FAST
+@hypothesis.given(
+    st.lists(st.tuples(st.sampled_from([b"r0", b"r1", b"r2", b"r10", b"r99", b"v", b"x"]), st.binary(max_size=255)))
+)
+def test_txt_pieces_in_any_order_or_form_never_raise(pieces: list[tuple[bytes, bytes]]) -> None:
+    strings = [b"v=1", b"id=" + b"a" * 40, b"net=1"] + [(key + b"=" + value)[:255] for key, value in pieces]
+    with contextlib.suppress(RecordRejected):
+        decode_txt(b"".join(bytes([len(item)]) + item for item in strings), 1)
+
+
+@FAST
+@hypothesis.given(st.binary(min_size=1, max_size=4000), st.integers(1, 2**32 - 1))
+def test_a_record_survives_the_txt_pieces_whole(signed: bytes, net: int) -> None:
+    text = encode_txt(signed, "a" * 40, net)
+    assert decode_txt(text, net) == signed
+    assert decode_txt(text, net + 1) is None  # another network's service: ignored, not an error

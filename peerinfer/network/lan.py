@@ -290,8 +290,8 @@ class LanStore:
             self._departed[name] = (signed, record.expires_at)
 
     def _read(self, name: str, count: bool = True) -> bytes | None:
-        info = ServiceInfo(SERVICE_TYPE, name)
         try:
+            info = ServiceInfo(SERVICE_TYPE, name)
             info.load_from_cache(self._zc)
             text = info.text or b""
         except Exception as exc:  # a name zeroconf cannot hold; the peer's failure, not ours
@@ -324,13 +324,8 @@ class LanStore:
             for name, (_, expires_at) in list(self._departed.items()):
                 if expires_at <= now:
                     del self._departed[name]
-            departed = [signed for signed, _ in self._departed.values()]
-        values: list[bytes] = []
-        for name in names:
-            signed = self._read(name)
-            if signed is not None:
-                values.append(signed)
-        return values + departed
+            values = [signed for signed in map(self._read, names) if signed is not None]
+            return values + [signed for signed, _ in self._departed.values()]
 
     def _wait_first_answers(self, deadline: float) -> None:
         """Until the first service answers (or the deadline), then until none more for a moment."""
