@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Iterator
@@ -291,3 +292,26 @@ def test_a_record_survives_the_txt_pieces_whole(signed: bytes, net: int) -> None
     text = encode_txt(signed, "a" * 40, net)
     assert decode_txt(text, net) == signed
     assert decode_txt(text, net + 1) is None  # another network's service: ignored, not an error
+
+
+def test_a_failing_lan_announcement_is_logged_and_retried(
+    worker: ThreadWorker, net: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    lan = worker.app.state.network.lan
+    real_announce, calls = lan.announce, []
+
+    def failing_announce(signed: bytes) -> None:
+        calls.append(signed)
+        raise OSError("the interface went away")
+
+    with caplog.at_level(logging.ERROR, logger="peerinfer.network.worker"):
+        lan.announce = failing_announce
+        wait_until(lambda: len(calls) >= 3, 20, "the announcer stopped after a failed LAN announcement")
+        lan.announce = real_announce
+    assert any("LAN: announcing the record failed (OSError: the interface went away" in m for m in caplog.messages)
+    recovered = time.time()
+    with LanStore(network_id=net, interfaces=LOOPBACK) as store:
+        discovery = Discovery(store, timeout_s=10.0)
+        wait_until(
+            lambda: any(r.issued_at > recovered for r in discovery.lookup().records), 20, "no announcement after it"
+        )
