@@ -70,7 +70,8 @@ def start_worker(home: Path, net: int) -> ThreadWorker:
     engine = FakeEngine(story_responder, token_delay_s=0.002, slots=2, max_queue=8)
     worker = ThreadWorker(engine, lambda url: lan_settings(home, net, url))
     # Registered on the LAN (mDNS probing done) before any client exists.
-    wait_until(lambda: worker.app.state.network.lan._info is not None, 20, "the worker did not announce on the LAN")
+    lan = worker.app.state.network.lan
+    wait_until(lambda: lan.service_name == f"{worker.peer_id}.{SERVICE_TYPE}", 20, "the worker did not announce")
     return worker
 
 

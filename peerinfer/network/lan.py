@@ -187,6 +187,12 @@ class LanAnnouncer:
         self.updates = 0
         self._closed = False
 
+    @property
+    def service_name(self) -> str | None:
+        """The registered service's name (``<peer id>._peerinfer._tcp.local.``); None before the first announce."""
+        info = self._info
+        return None if info is None else info.name
+
     def _info_for(self, signed: bytes, name: str) -> ServiceInfo:
         text = encode_txt(signed, self.peer_id, self.network_id)
         return _service_info(name, self.peer_id, self.url, text, self.ttl_s)
