@@ -233,6 +233,7 @@ class LanAnnouncer:
                     time.sleep(grace_s)  # browsers read the withdrawal before the goodbye drops the TXT
                 if info is not None:
                     zc.unregister_service(info)
+                    log.info("LAN: %s sent its goodbye%s", info.name, " after its withdrawal" if withdrawal else "")
             finally:
                 zc.close()
 
