@@ -56,7 +56,8 @@ MAX_PIECES = 16
 MAX_RECORD_BYTES = 4096
 """A reassembled record longer than this is dropped (records.py refuses more than 2048 anyway)."""
 MAX_SERVICES = 512
-"""Services a browser remembers; more are dropped and counted as ``over_limit``."""
+"""Services a browser remembers; when full, one whose TXT held no record of this network makes room
+for a new one, else the new one is dropped and counted as ``over_limit``."""
 FIRST_ANSWER_SETTLE_S = 0.25
 _PIECE_KEY = re.compile(rb"r([0-9]{1,2})")
 _HEX40 = re.compile(rb"[0-9a-f]{40}")
@@ -274,7 +275,7 @@ class LanStore:
                     self._names.discard(name)
                 else:
                     if name not in self._names:
-                        if len(self._names) >= self.max_services:
+                        if len(self._names) >= self.max_services and not self._evict_unreadable():
                             self.rejected["over_limit"] += 1
                             return
                         self._names.add(name)
@@ -285,6 +286,15 @@ class LanStore:
                 self._lock.notify_all()
         except Exception as exc:
             log.warning("LAN: dropped an mDNS event for %.80r (%s: %s)", name, type(exc).__name__, exc)
+
+    def _evict_unreadable(self) -> bool:
+        """Forget one service whose TXT carried no record of this network, to make room; False if none."""
+        for name in self._names:
+            if self._last.get(name) is None:
+                self._names.discard(name)
+                self._last.pop(name, None)
+                return True
+        return False
 
     def _remember_withdrawal(self, signed: bytes | None, name: str) -> None:
         if signed is None:
