@@ -61,6 +61,7 @@ def _routed(args: argparse.Namespace, settings: ClientSettings, err: TextIO) -> 
     return RoutedClient(
         args.bootstrap or "",
         lan=args.lan,
+        lan_interfaces=settings.lan_interfaces,
         model_sha256=args.sha256,
         model_name=args.model,
         api_key=args.api_key,

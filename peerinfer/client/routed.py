@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -55,6 +55,7 @@ class RoutedClient:
         bootstrap: str = "",
         *,
         lan: bool = False,
+        lan_interfaces: Sequence[str] = (),
         model_sha256: str | None = None,
         model_name: str | None = None,
         api_key: str | None = None,
@@ -80,7 +81,12 @@ class RoutedClient:
         description = "the given discovery"
         if discovery is None:
             self._opened = open_discovery(
-                bootstrap=bootstrap, lan=lan, network_id=network_id, dht_host=dht_host, timeout_s=discovery_timeout_s
+                bootstrap=bootstrap,
+                lan=lan,
+                network_id=network_id,
+                dht_host=dht_host,
+                timeout_s=discovery_timeout_s,
+                lan_interfaces=lan_interfaces,
             )
             discovery, description = self._opened.discovery, self._opened.description
         options = RouterOptions(

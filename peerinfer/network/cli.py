@@ -139,6 +139,7 @@ def run_peers(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         lan=args.lan,
         network_id=args.network_id,
         dht_host=settings.dht_host,
+        lan_interfaces=settings.lan_interfaces,
         timeout_s=args.timeout,
     )
     try:
@@ -166,8 +167,9 @@ def run_peers(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             f"{unverified} listed peers did not prove they hold their record's key (VERIFIED no): do not trust them",
             file=err,
         )
-    if discovery.rejected:
-        print(f"dropped {sum(discovery.rejected.values())} invalid records: {dict(discovery.rejected)}", file=err)
+    rejected = opened.rejected
+    if rejected:
+        print(f"dropped {sum(rejected.values())} invalid records: {dict(rejected)}", file=err)
     return 0 if records else 1
 
 
