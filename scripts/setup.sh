@@ -127,4 +127,5 @@ if [ ! -f "$head_library" ] || [ "$head_source" -nt "$head_library" ]; then
 fi
 if [ "$want_dev" = 1 ]; then
   "${pip[@]}" install -r requirements-dev.txt
+  bash scripts/install_browser.sh # Debian's chromium for the web page's tests; never fails the setup
 fi

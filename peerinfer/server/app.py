@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peerinfer.api import openai as wire
 from peerinfer.api.health import HealthReport
+from peerinfer.api.network import NetworkView
 from peerinfer.api.responses import ResponsesRequest, parse_responses_request
 from peerinfer.engine.base import Engine
 from peerinfer.errors import AuthError, ConfigError, NotFoundError, OverloadedError, PeerInferError
@@ -38,6 +39,11 @@ from peerinfer.server.metrics import CONTENT_TYPE, UNMATCHED, WorkerMetrics
 from peerinfer.server.responses import ResponsesServing
 from peerinfer.server.serving import Serving
 from peerinfer.settings import WorkerSettings, load_worker_settings
+from peerinfer.web import page_router
+from peerinfer.web.worker import worker_network_view
+
+if TYPE_CHECKING:
+    from peerinfer.network.worker import WorkerNetwork
 
 log = logging.getLogger("peerinfer.worker")
 READY_LINE = "Model loaded successfully! Ready for inference."
@@ -175,6 +181,7 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
     app.add_middleware(RequestCounter, metrics=metrics)
     _add_error_handlers(app)
     _add_routes(app, state)
+    _add_page(app, state, network)
     openapi.document_request_bodies(app, (wire.ChatCompletionRequest, wire.CompletionRequest, ResponsesRequest))
     return app
 
@@ -257,6 +264,17 @@ def _health_report(state: WorkerState) -> HealthReport:
         requests_running=stats.slots_busy,
         requests_waiting=stats.queued,
     )
+
+
+def _add_page(app: FastAPI, state: WorkerState, network: WorkerNetwork | None) -> None:
+    """The web page at ``/``, talking to this worker alone; ``/network`` needs the API key, as the API does."""
+
+    async def network_view(request: Request) -> NetworkView:
+        _check_api_key(state, request)
+        _require_ready(state)
+        return worker_network_view(state.engine, state.metrics, network, str(request.base_url))
+
+    app.include_router(page_router(network_view))
 
 
 def _add_routes(app: FastAPI, state: WorkerState) -> None:
