@@ -348,8 +348,9 @@ async def scripted_stream() -> AsyncIterator[bytes]:
         b"data: [DONE]\n\n",
     ]
     for event in events:
-        for cut in (0, len(event) // 2 + 1):  # each event in two writes; the cut may split a character
-            piece = event[cut : len(event) // 2 + 1] if cut == 0 else event[cut:]
+        # Each event in two writes; where it has a character of several bytes, the cut is inside it.
+        wide = next((index for index, byte in enumerate(event) if byte >= 0x80), len(event) // 2)
+        for piece in (event[: wide + 1], event[wide + 1 :]):
             yield piece
             await asyncio.sleep(0.05)
 

@@ -384,6 +384,8 @@
         if (chunk.peerinfer) {
           sawExtension = true;
           readExtension(chunk.peerinfer, view);
+        } else if (!sawExtension) {
+          view.thisWorker(); // a worker says nothing about peers: it served the answer itself
         }
         const choice = Array.isArray(chunk.choices) ? chunk.choices[0] : null;
         const piece = choice && choice.delta && typeof choice.delta.content === "string" ? choice.delta.content : "";
@@ -487,8 +489,8 @@
     model.dir = "auto";
     model.title = "sha256 " + String(peer.sha256);
     const measured = fixed(peer.tokens_per_s, 1, "");
-    const claimed = fixed(peer.claimed_tokens_per_s, 1, "");
-    const speed = cell(measured === "—" ? claimed + " (claimed)" : measured);
+    const claimed = peer.claimed_tokens_per_s > 0 ? fixed(peer.claimed_tokens_per_s, 1, "") + " (claimed)" : "—";
+    const speed = cell(measured === "—" ? claimed : measured);
     const status = peer.banned ? "avoided" : peer.last_failure ? "failed" : "ok";
     const stateCell = cell(status, "state-" + status);
     if (peer.last_failure) stateCell.title = String(peer.last_failure);
