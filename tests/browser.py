@@ -3,18 +3,23 @@
 ``open_page(url)`` yields a Playwright ``Page`` at ``url`` in a fresh profile; it skips the test,
 with the reason, when Playwright or ``/usr/bin/chromium`` is missing (``scripts/setup.sh --dev``
 installs chromium where it runs as root with apt). Every console error and page error is kept in
-``page_errors(page)``: a test can assert the page ran clean.
+``page_errors(page)``: a test can assert the page ran clean. ``live_app(app)`` serves any ASGI app
+(a gateway, a scripted server) on an ephemeral port of 127.0.0.1 for the page to load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 
 CHROMIUM = Path("/usr/bin/chromium")
 # What works as root on a machine with no network: no sandbox (root), no GPU, nothing that phones home.
@@ -75,3 +80,26 @@ def open_page(url: str, *, width: int = 1280, height: int = 800) -> Iterator[Any
             yield page
         finally:
             context.close()
+
+
+@contextlib.contextmanager
+def live_app(app: Any) -> Iterator[str]:
+    """A real uvicorn serving ``app`` in a thread on 127.0.0.1; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3000):
+            if server.started or not thread.is_alive():
+                break
+            time.sleep(0.01)
+        if not server.started:
+            raise AssertionError("the app did not start serving")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -12,9 +12,7 @@ import dataclasses
 import json
 import math
 import re
-import socket
 import subprocess
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,6 @@ from typing import Any
 import openai
 import pytest
 import requests
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
@@ -32,7 +29,7 @@ from peerinfer.engine.base import ModelInfo
 from peerinfer.engine.fake import FakeEngine
 from peerinfer.server.app import create_app
 from peerinfer.web import STATIC_TYPES, page_router, static_file
-from tests.browser import open_page, page_errors
+from tests.browser import live_app, open_page, page_errors
 from tests.conftest import REPO, live_worker, worker_settings
 from tests.network_support import wait_until
 
@@ -300,6 +297,33 @@ def test_with_an_api_key_the_page_asks_for_it_and_keeps_it_for_the_tab() -> None
         assert page.get_attribute("#api-key", "aria-invalid") is None
 
 
+def test_keyboard_and_screen_reader_basics() -> None:
+    engine = FakeEngine(lambda prompt: "a slow answer " * 40, token_delay_s=0.01)
+    engine.load()
+    with live_worker(engine) as url, open_page(url) as page:
+        for name in ("Message", "Model", "System prompt", "Temperature", "Max tokens", "API key"):
+            assert page.get_by_label(name, exact=True).count() == 1, name
+        for name in ("Send", "Stop", "Regenerate", "New chat"):
+            assert page.get_by_role("button", name=name, exact=True).count() == 1, name
+        assert page.get_attribute("#conversation", "aria-live") == "polite"
+        assert page.locator("main").count() == 1 and page.locator("header").count() == 1
+        page.keyboard.press("Tab")  # the first stop is the skip link, and it leads to the message box
+        assert page.evaluate("document.activeElement.className") == "skip"
+        page.keyboard.press("Enter")
+        page.keyboard.type("hello")
+        assert page.input_value("#prompt") == "hello"
+        outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+        assert outline not in ("", "none")  # focus is visible
+        page.keyboard.press("Enter")
+        page.locator(".msg.assistant .text").filter(has_text="slow").wait_for()
+        assert page.get_attribute("#conversation", "aria-busy") == "true"
+        page.keyboard.press("Escape")
+        answer = wait_answer(page)
+        assert answer.get_attribute("data-state") == "stopped"
+        assert page.get_attribute("#conversation", "aria-busy") == "false"
+        assert page_errors(page) == []
+
+
 # A scripted gateway: the page's routes, a two-peer /network, and a stream that resumes on a second
 # peer, written in pieces that cut UTF-8 characters in half.
 GATEWAY_PIECES = ["नमस्ते, ", "यह उत्तर ", "दो पीयर ", "से आया।"]
@@ -372,22 +396,6 @@ def scripted_gateway() -> FastAPI:
         return StreamingResponse(scripted_stream(), media_type="text/event-stream")
 
     return app
-
-
-@contextlib.contextmanager
-def live_app(app: FastAPI) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "the scripted gateway did not start")
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def test_an_answer_that_moved_between_peers_names_both_and_notes_the_resume() -> None:
