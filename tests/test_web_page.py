@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -330,10 +331,13 @@ GATEWAY_PIECES = ["नमस्ते, ", "यह उत्तर ", "दो प
 SWITCH_REASON = "connection lost <b>mid-answer</b>"
 
 
-def gateway_rows() -> NetworkView:
+def gateway_rows(queue: int) -> NetworkView:
     return network_view(
         "the DHT through 127.0.0.1:4222",
-        [Facts(peer_id="peer-a", url="http://10.0.0.1:8000"), Facts(peer_id="peer-b", url="http://10.0.0.2:8000")],
+        [
+            Facts(peer_id="peer-a", url="http://10.0.0.1:8000", queue=queue),
+            Facts(peer_id="peer-b", url="http://10.0.0.2:8000"),
+        ],
     )
 
 
@@ -381,9 +385,10 @@ async def scripted_stream() -> AsyncIterator[bytes]:
 
 def scripted_gateway() -> FastAPI:
     app = FastAPI()
+    calls = itertools.count(1)
 
     async def network(request: Request) -> NetworkView:
-        return gateway_rows()
+        return gateway_rows(queue=next(calls))  # each look at the network finds a longer queue
 
     app.include_router(page_router(network))
 
@@ -422,6 +427,9 @@ def test_an_answer_that_moved_between_peers_names_both_and_notes_the_resume() ->
         assert notes[1].startswith("2 peers served this answer")
         assert "9 tokens" in answer.locator(".tps").inner_text()
         assert page.evaluate("document.querySelectorAll('b').length") == 0
+        queue = page.locator("#peers tbody tr").first.locator("td").nth(4)
+        shown = int(queue.inner_text())
+        wait_until(lambda: int(queue.inner_text()) > shown, 30, "the network table did not refresh by itself")
         assert page_errors(page) == []
 
 
