@@ -235,6 +235,8 @@
     }
 
     servedBy(peer, url) {
+      const last = this.peers[this.peers.length - 1];
+      if (last && last.peer === peer && last.url === url) return; // the same peer named again
       this.peers.push({ peer, url });
       const names = this.peers.map((p) => shortId(p.peer) + (p.url ? " (" + p.url + ")" : ""));
       this.peerEl.textContent = "served by " + names.join(", then ");
