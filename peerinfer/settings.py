@@ -277,17 +277,22 @@ def load_worker_settings() -> WorkerSettings:
     try:
         return WorkerSettings()
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_url=False):
-            if not error["loc"]:  # a check of several fields, or of a file: its message names the variable
-                problems.append(str(error["msg"]).removeprefix("Value error, "))
-                continue
-            name = "PEERINFER_" + "_".join(str(part) for part in error["loc"][:1]).upper()
-            value = repr(error.get("input"))
-            if len(value) > 60:
-                value = value[:57] + "..."
-            problems.append(f"{name}={value}: {error['msg']}")
-        raise ConfigError("invalid setting " + "; ".join(problems)) from exc
+        raise settings_error(exc) from exc
+
+
+def settings_error(exc: ValidationError) -> ConfigError:
+    """One ``ConfigError`` naming each ``PEERINFER_*`` variable that failed its check, and its value."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        if not error["loc"]:  # a check of several fields, or of a file: its message names the variable
+            problems.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        name = "PEERINFER_" + "_".join(str(part) for part in error["loc"][:1]).upper()
+        value = repr(error.get("input"))
+        if len(value) > 60:
+            value = value[:57] + "..."
+        problems.append(f"{name}={value}: {error['msg']}")
+    return ConfigError("invalid setting " + "; ".join(problems))
 
 
 class ClientSettings(NetworkSettings):
@@ -297,3 +302,116 @@ class ClientSettings(NetworkSettings):
 
     url: str = Field(default="http://127.0.0.1:8000", description="Worker base URL.")
     api_key: SecretStr | None = Field(default=None, description="Sent as 'Authorization: Bearer KEY'.")
+
+
+def _name_list(value: object) -> object:
+    """A comma-separated string (as in the environment) or a JSON list."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        return json.loads(value)
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+class GatewaySettings(NetworkSettings):
+    """The gateway (``python -m peerinfer gateway``): one OpenAI-compatible door into the network.
+
+    ``bootstrap`` and ``lan`` (from ``NetworkSettings``) say where it finds peers; it serves nothing itself.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PEERINFER_", extra="ignore")
+
+    host: str = Field(default="127.0.0.1", max_length=256, description="Address the gateway's HTTP server binds.")
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port of the gateway; 0: any free port.")
+    api_key: SecretStr | None = Field(
+        default=None, description="If set, the gateway's own clients need 'Authorization: Bearer KEY'."
+    )
+    worker_api_key: SecretStr | None = Field(
+        default=None, description="Sent to workers as 'Authorization: Bearer KEY' (for workers that require one)."
+    )
+    model: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Route only to peers serving a model of this name. Unset: the model most peers serve.",
+    )
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Route only to peers serving the model file with this sha256 (64 lower-case hex digits).",
+    )
+    max_in_flight: int = Field(
+        default=256, ge=1, le=100_000, description="Requests the gateway serves at once; more wait in its queue."
+    )
+    max_queue: int = Field(
+        default=256, ge=0, le=100_000, description="Requests that may wait for room; one more gets 503."
+    )
+    queue_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="Seconds a request may wait in the queue; then 503 with Retry-After."
+    )
+    choose_timeout_s: float = Field(
+        default=5.0, gt=0, le=120, description="Seconds to find a peer that answers its probe and proves its key."
+    )
+    max_attempts: int = Field(default=3, ge=1, le=20, description="Peers one request may try (failover and resume).")
+    probe_count: int = Field(default=3, ge=1, le=64, description="Peers probed at once when choosing one.")
+    probe_timeout_s: float = Field(default=2.0, gt=0, le=60, description="Seconds for one probe of a peer.")
+    lookup_ttl_s: float = Field(
+        default=5.0, ge=0, le=600, description="Seconds a lookup of the peers is reused before the next one."
+    )
+    discovery_timeout_s: float = Field(
+        default=5.0, gt=0, le=120, description="Seconds one lookup keeps trying while it finds nobody."
+    )
+    connect_timeout_s: float = Field(default=3.0, gt=0, le=120, description="Seconds to connect to a worker.")
+    read_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="Seconds a worker may send no text mid-answer before it is left."
+    )
+    answer_timeout_s: float = Field(
+        default=600.0, gt=0, le=7200, description="Seconds a worker may take for a whole non-streamed answer."
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body.")
+    max_answer_bytes: int = Field(
+        default=8 * 1_048_576,
+        ge=65_536,
+        le=256 * 1_048_576,
+        description="Largest non-streamed answer read from a worker; a larger one is that worker's failure.",
+    )
+    keepalive_s: float = Field(
+        default=3.0, gt=0, le=300, description="Seconds between SSE keep-alive comments while a new peer is chosen."
+    )
+    log_level: LogLevel = Field(
+        default="INFO", description="Python logging level for peerinfer: CRITICAL, ERROR, WARNING, INFO or DEBUG."
+    )
+    max_header_bytes: int = Field(
+        default=65_536, ge=1024, le=16 * 1_048_576, description="Largest request head; larger: 431 and close."
+    )
+    head_timeout_s: float = Field(default=10.0, gt=0, le=600, description="Seconds to send a request head.")
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="Seconds to send a request body.")
+    max_connections: int = Field(
+        default=1024, ge=1, le=65_535, description="Open HTTP connections accepted; one more gets 503 and a close."
+    )
+    allowed_hosts: NameList = Field(
+        default=(),
+        description="Host names (comma-separated) the gateway answers besides loopback and the address it was "
+        "reached on; '.example.com' also allows its subdomains, '*' any. Others get 400 (DNS rebinding).",
+    )
+    cors_origins: NameList = Field(
+        default=(),
+        description="Browser origins (comma-separated) that may call the gateway cross-origin; '*' any. Empty: none.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        return _name_list(value)
+
+
+def load_gateway_settings(**overrides: object) -> GatewaySettings:
+    """Settings from the environment, ``overrides`` (command-line flags) winning; ``ConfigError`` naming a bad one."""
+    try:
+        return GatewaySettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise settings_error(exc) from exc

@@ -1,0 +1,1 @@
+"""The gateway: one OpenAI-compatible door into the network (``python -m peerinfer gateway``)."""
