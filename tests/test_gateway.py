@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -30,10 +33,13 @@ from peerinfer.engine.fake import FakeEngine
 from peerinfer.gateway.app import create_gateway_app
 from peerinfer.network.dht import DhtNode
 from peerinfer.network.discovery import Discovery
+from peerinfer.network.records import model_key, select_live
 from peerinfer.network.sources import open_discovery
 from peerinfer.settings import GatewaySettings
 from tests.conftest import live_worker, worker_settings
+from tests.hostile_peer import HostilePeer
 from tests.network_support import (
+    REPO,
     STORY,
     ProcessWorker,
     ThreadWorker,
@@ -301,11 +307,10 @@ def test_curl_sees_the_workers_sse_framing(network: Network) -> None:
                 base + "/v1/chat/completions",
             ],
             capture_output=True,
-            text=True,
             timeout=30,
             check=True,
         )
-        out[name] = done.stdout
+        out[name] = done.stdout.decode()
     for text in out.values():
         head, _, stream = text.partition("\r\n\r\n")
         assert "content-type: text/event-stream" in head.lower()
@@ -506,7 +511,11 @@ def test_sixty_four_concurrent_streams_through_one_gateway_all_arrive_whole(tmp_
             )
             for i in range(2)
         ]
-        gateway = ThreadGateway(gateway_settings(bootstrap=f"127.0.0.1:{boot.port}", network_id=net))
+        # Probes of busy workers on a busy machine are slow: a probe that times out bans its peer, so allow time.
+        settings = gateway_settings(
+            bootstrap=f"127.0.0.1:{boot.port}", network_id=net, probe_timeout_s=10.0, choose_timeout_s=20.0
+        )
+        gateway = ThreadGateway(settings)
         try:
             gateway.wait_for_peers(2)
 
@@ -542,7 +551,7 @@ def test_the_health_metrics_network_and_page_routes(network: Network) -> None:
     network.spawn()
     network.spawn()
     gateway = network.gateway(peers=2)
-    gateway.openai().chat.completions.create(model="m", messages=HELLO, max_tokens=5)
+    assert list(gateway.openai().chat.completions.create(model="m", messages=HELLO, max_tokens=5, stream=True))
     table = httpx.get(gateway.url + "/network", timeout=30).json()
     assert table["mode"] == "gateway" and network.bootstrap in table["source"]
     assert sorted(row["url"] for row in table["peers"]) == sorted(worker.url for worker in network.workers)
@@ -586,5 +595,144 @@ def test_the_responses_api_streams_through_a_kill(network: Network) -> None:
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_output_tokens"
 
 
-def wait_a_moment() -> None:
-    time.sleep(0.05)
+class Store:
+    """A ``ValueStore`` that answers every get with the records the test put there."""
+
+    def __init__(self, values: list[bytes]) -> None:
+        self.values = values
+
+    def get(self, key: str, timeout_s: float) -> list[bytes]:
+        return list(self.values)
+
+
+class Forger(HostilePeer):
+    """Streams the whole story honestly, in chunks full of forged and unknown keys."""
+
+    async def _stream(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+        forged = {
+            "id": "chatcmpl-forged",
+            "created": 1,
+            "model": "<b>evil</b>",
+            "object": "evil",
+            "peerinfer": {"peer": "a-trusted-peer", "url": "http://trusted.example"},
+            "usage": {"prompt_tokens": 1, "completion_tokens": 10**6},
+            "evil": {"x": ["<script>alert(1)</script>"]},
+        }
+        words = STORY.split(" ")
+        pieces = [word if i == 0 else " " + word for i, word in enumerate(words)]
+        for piece in pieces:
+            choice = {"index": 0, "delta": {"content": piece, "role": "system", "evil": 1}, "also": "evil"}
+            payload = {**forged, "choices": [choice]}
+            writer.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        end = {**forged, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        writer.write(b"data: " + json.dumps(end).encode() + b"\n\ndata: [DONE]\n\n")
+        await writer.drain()
+
+
+def honest_values(network: Network) -> list[bytes]:
+    found: list[bytes] = []
+
+    def fresh() -> bool:
+        found[:] = network.boot.get(model_key(FAKE_SHA), 2.0)
+        return bool(select_live(found, time.time()).records)
+
+    wait_until(fresh, 15, "the honest worker's record is not on the DHT")
+    return found
+
+
+@pytest.mark.parametrize("mode", ["sse_cut", "sse_error", "sse_garbage", "sse_endless_line", "sse_keepalive"])
+def test_a_hostile_peer_behind_the_gateway_never_reaches_the_client_as_garbage(network: Network, mode: str) -> None:
+    honest = network.spawn()
+    with HostilePeer(mode, FAKE_SHA) as hostile:
+        settings = gateway_settings(read_timeout_s=1.0)
+        router = routed(settings, Discovery(Store([hostile.record(), *honest_values(network)])), prefer(hostile.url))
+        gateway = ThreadGateway(settings, router)
+        network.gateways.append(gateway)
+        stream = gateway.openai().chat.completions.create(model="m", messages=HELLO, max_tokens=400, stream=True)
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == STORY
+        assert hostile.requests[-1] == "POST /v1/chat/completions"  # it did serve, and was left
+        assert len({c.id for c in chunks}) == 1
+        last = note(chunks[-1])
+        assert last is not None and last["peers"] == [hostile.url, honest.url]
+        assert router.bans.is_banned(hostile.identity.peer_id, time.monotonic())
+
+
+def test_a_peers_forged_keys_never_reach_the_client(network: Network) -> None:
+    with Forger("sse_cut", FAKE_SHA) as forger:
+        settings = gateway_settings()
+        router = routed(settings, Discovery(Store([forger.record()])), prefer(forger.url))
+        gateway = ThreadGateway(settings, router)
+        network.gateways.append(gateway)
+        body = {"messages": HELLO, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 100}
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=30) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == STORY
+    for chunk in chunks:
+        assert set(chunk) <= {"id", "object", "created", "model", "system_fingerprint", "choices", "usage", "peerinfer"}
+        assert chunk["id"] != "chatcmpl-forged" and chunk["object"] == "chat.completion.chunk"
+        assert chunk["model"] == "<b>evil</b>"  # the peer's model name, as text in JSON (no other place to take it)
+        for choice in chunk["choices"]:
+            assert set(choice) == {"index", "delta", "logprobs", "finish_reason"}
+            assert set(choice["delta"]) <= {"content"}
+    assert chunks[0]["peerinfer"] == {"peer": forger.identity.peer_id, "url": forger.url}
+    # It claims a million tokens: the client is never told more than it asked for.
+    assert chunks[-1]["usage"]["completion_tokens"] <= 100
+    assert "<script>" not in "".join(events)
+
+
+GATEWAY_COMMAND = (
+    "import argparse, sys\n"
+    "from peerinfer.gateway.cli import add_gateway_parser, run_gateway\n"
+    "parser = argparse.ArgumentParser()\n"
+    "add_gateway_parser(parser.add_subparsers(dest='command'))\n"
+    "sys.exit(run_gateway(parser.parse_args(sys.argv[1:]), sys.stderr))\n"
+)
+
+
+def gateway_command(*args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEERINFER_")}
+    return subprocess.Popen(
+        [sys.executable, "-c", GATEWAY_COMMAND, "gateway", *args],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_the_gateway_command_serves_the_network_until_interrupted(network: Network) -> None:
+    network.spawn()
+    proc = gateway_command("--bootstrap", network.bootstrap, "--network-id", str(network.net), "--port", "0")
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("gateway on http://127.0.0.1:") and network.bootstrap in line, line
+        url = line.split()[2]
+        wait_until(lambda: httpx.get(url + "/health").json()["peers_known"] == 1, 20, "the gateway found no peer")
+        answer = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 400}, timeout=30)
+        assert answer.json()["choices"][0]["message"]["content"] == STORY
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_the_gateway_command_without_a_source_says_how_to_give_one() -> None:
+    proc = gateway_command("--port", "0")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "--bootstrap" in err and "--lan" in err and "Traceback" not in err
+    proc = gateway_command("--bootstrap", "127.0.0.1:1", "--port", "70000")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "PEERINFER_PORT" in err and "Traceback" not in err

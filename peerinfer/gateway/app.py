@@ -268,7 +268,7 @@ async def _serve(state: GatewayState, body: dict[str, Any], kind: Kind) -> Respo
             handed_over = True  # from here the stream frees the place when it ends
             return await relay_stream(
                 router.answer(plan),
-                ChatRelay(stitcher),
+                ChatRelay(stitcher, plan.max_deltas),
                 state.metrics,
                 keepalive_s=settings.keepalive_s,
                 stall_s=settings.read_timeout_s,
@@ -294,13 +294,14 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """The gateway's own health: it is up; how many peers it knows and has verified."""
+        """The gateway's own health: it is up; the peers it knows, not banned, and those that proved their key."""
         router = state.routing()
         views = await router.views()
+        usable = sum(not view.banned for view in views)
         verified = sum(view.verified and not view.banned for view in views)
         return JSONResponse(
             {
-                "status": "ok" if verified else "no_peers",
+                "status": "ok" if usable else "no_peers",
                 "mode": "gateway",
                 "source": router.description,
                 "peers_known": len(views),

@@ -10,6 +10,7 @@ same HTTP limits as a worker.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 from typing import Any, TextIO
 
@@ -77,6 +78,7 @@ def run_gateway(args: argparse.Namespace, err: TextIO) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((settings.host, settings.port))
+        sock.listen(2048)  # connections wait for the server from now on, so the line below can be trusted
     except OSError as exc:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=err)
         sock.close()
@@ -96,5 +98,7 @@ def run_gateway(args: argparse.Namespace, err: TextIO) -> int:
     )
     app = create_gateway_app(settings, opened=opened)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn shuts down gracefully, then re-raises the Ctrl-C it caught: the normal way to stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -30,7 +30,7 @@ from peerinfer.client.answer import PeerChunk, PeerOpened, RoutedAnswer
 from peerinfer.client.core import Router
 from peerinfer.client.routing import failure_action
 from peerinfer.client.stream_events import StreamChunk
-from peerinfer.errors import ClientError, NoPeersError
+from peerinfer.errors import ClientError, NoPeersError, PeerInferError
 from peerinfer.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("peerinfer.gateway")
@@ -54,8 +54,9 @@ class Relay(Protocol):
 class ChatRelay:
     """Chat completions and completions: the stitcher's chunks, framed."""
 
-    def __init__(self, stitcher: StreamStitcher) -> None:
+    def __init__(self, stitcher: StreamStitcher, max_completion_tokens: int | None = None) -> None:
         self.stitcher = stitcher
+        self.max_completion_tokens = max_completion_tokens
 
     def opened(self, peer_id: str, url: str, switch: SwitchFacts | None) -> list[bytes]:
         return [sse.event(payload) for payload in self.stitcher.opened(peer_id, url, switch)]
@@ -64,7 +65,11 @@ class ChatRelay:
         return [sse.event(payload) for payload in self.stitcher.chunk(chunk.payload)]
 
     def finish(self, answer: RoutedAnswer) -> list[bytes]:
-        frames = self.stitcher.finish(answer.prompt_tokens, answer.completion_tokens)
+        completion = answer.completion_tokens
+        if self.max_completion_tokens is not None:
+            # The count is the peers' word: a peer may claim more than it could have written, never more than asked.
+            completion = min(completion, self.max_completion_tokens)
+        frames = self.stitcher.finish(answer.prompt_tokens, completion)
         return [sse.event(payload) for payload in frames] + [sse.DONE]
 
     def failed(self, message: str, code: str) -> list[bytes]:
@@ -142,9 +147,9 @@ class RelayedStream:
             if not self.opened.done():
                 self.opened.set_exception(exc)
                 return
-            if not isinstance(exc, ClientError):
+            if not isinstance(exc, PeerInferError):
                 log.exception("the relay of a stream failed", exc_info=exc)
-            message = exc.message if isinstance(exc, ClientError) else "internal error in the gateway; see its log"
+            message = exc.message if isinstance(exc, PeerInferError) else "internal error in the gateway; see its log"
             log.warning("a stream through the gateway ended with an error: %s", message)
             self.metrics.stream_errors.inc()
             code = "no_peers" if isinstance(exc, NoPeersError) else "peer_failed"
