@@ -287,3 +287,17 @@ def test_a_workers_error_object_is_bounded_and_stringly_typed() -> None:
     }
     assert checked_error({"message": 5}) is None
     assert checked_error("oops") is None
+
+
+def test_each_choice_of_several_keeps_its_own_role() -> None:
+    stitch = StreamStitcher("chat", model="m", wants_usage=False)
+    stitch.opened("A", "http://a", None)
+    out = []
+    for index in (0, 1):
+        out += stitch.chunk({"choices": [{"index": index, "delta": {"role": "assistant", "content": ""}}]})
+    out += stitch.chunk({"choices": [{"index": 1, "delta": {"role": "assistant", "content": "x"}}]})
+    assert [c["choices"][0]["delta"] for c in out] == [
+        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": ""},
+        {"content": "x"},
+    ]

@@ -292,7 +292,7 @@ class StreamStitcher:
         self.failovers = 0
         self.resumes = 0
         self.sent = 0  # chunks sent to the client
-        self._role_sent = False
+        self._roles: set[int] = set()  # the choices whose role the client has
         self._note: dict[str, Any] | None = None  # goes on the next chunk sent
         self._held: list[dict[str, Any]] = []  # chunks with a finish, held until the stream goes on or ends
 
@@ -347,10 +347,10 @@ class StreamStitcher:
             if choice is None:
                 continue
             if "delta" in choice and "role" in choice["delta"]:
-                if self._role_sent:
-                    del choice["delta"]["role"]  # a later peer's opening: the client has its role
+                if choice["index"] in self._roles:
+                    del choice["delta"]["role"]  # a later peer's opening: the client has this choice's role
                 else:
-                    self._role_sent = True
+                    self._roles.add(choice["index"])
             if _carries(choice):
                 choices.append(choice)
         if not choices:

@@ -169,6 +169,7 @@ def create_gateway_app(
         head_timeout_s=settings.head_timeout_s,
         body_timeout_s=settings.body_timeout_s,
         max_connections=settings.max_connections,
+        on_refusal=metrics.count_refusal,
     )
     protocol.install()
     if settings.cors_origins:
@@ -280,6 +281,7 @@ async def _serve(state: GatewayState, body: dict[str, Any], kind: Kind) -> Respo
             path,
             body,
             kind,
+            state.metrics,
             model=_requested_model(body),
             max_bytes=settings.max_answer_bytes,
             timeout_s=settings.answer_timeout_s,

@@ -15,6 +15,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_PEER_LABELS = 64
 OTHER_PEERS = "other"
 UNMATCHED = "unmatched"
+REFUSAL_REASONS = ("header_too_large", "head_timeout", "body_timeout", "too_many_connections", "bad_request")
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -50,6 +51,12 @@ class GatewayMetrics:
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
+        self.refused = Counter(
+            "peerinfer_gateway_http_refused",
+            "Connections closed by the gateway's HTTP limits (head size and time, body time, connections), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge("peerinfer_gateway_in_flight", "Requests being served.", registry=self.registry)
         self.queued = Gauge("peerinfer_gateway_queued", "Requests waiting for room.", registry=self.registry)
         self._peer_labels: dict[str, str] = {}
@@ -64,6 +71,9 @@ class GatewayMetrics:
         label = "".join(c for c in peer_id[:16] if c.isalnum() or c in "-_") or OTHER_PEERS
         self._peer_labels[peer_id] = label
         return label
+
+    def count_refusal(self, reason: str) -> None:
+        self.refused.labels(reason if reason in REFUSAL_REASONS else "other").inc()
 
     def observe_ttft(self, peer_id: str, seconds: float) -> None:
         self.ttft.labels(self.peer_label(peer_id)).observe(seconds)

@@ -228,6 +228,7 @@ async def whole(
     path: str,
     body: dict[str, Any],
     kind: Kind,
+    metrics: GatewayMetrics,
     *,
     model: str | None,
     max_bytes: int,
@@ -241,6 +242,8 @@ async def whole(
     reason = "no peer tried"
     for attempt in range(router.options.max_attempts):
         record, probe = await router.pick(tried, prefer if attempt == 0 else None)
+        if attempt:
+            metrics.failovers.inc()
         tried.add(record.peer_id)
         urls.append(probe.url)
         try:
