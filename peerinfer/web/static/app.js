@@ -284,7 +284,7 @@
       if (failovers + resumes > 0) {
         const urls = ext.peers.filter((p) => typeof p === "string");
         view.note(
-          urls.length + " peers served this answer: " + urls.join(", ") +
+          urls.length + (urls.length === 1 ? " peer" : " peers") + " served this answer: " + urls.join(", ") +
             " (" + failovers + " failover" + (failovers === 1 ? "" : "s") + ", " +
             resumes + " resume" + (resumes === 1 ? "" : "s") + ")",
           "summary",
