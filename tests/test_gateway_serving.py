@@ -154,3 +154,15 @@ def test_a_client_that_leaves_closes_the_peers_stream_and_frees_its_place() -> N
 
     asyncio.run(run())
     assert answer.closed and ended == [True]
+
+
+def test_the_per_peer_labels_of_metrics_are_bounded_however_many_peers_appear() -> None:
+    metrics = GatewayMetrics()
+    for number in range(500):
+        metrics.observe_ttft(f"peer{number:04d}" + "x" * 40, 0.1)
+    metrics.observe_ttft('evil"} 1\n# injected', 0.1)
+    rendered = metrics.render().decode()
+    peers = {line.split('peer="')[1].split('"')[0] for line in rendered.splitlines() if 'peer="' in line}
+    assert len(peers) == 65 and "other" in peers  # 64 of their own, then everyone else together
+    assert "injected" not in rendered
+    assert metrics.peer_label("peer0000" + "x" * 40) == "peer0000xxxxxxxx"  # the first ones keep theirs
