@@ -736,3 +736,21 @@ def test_the_gateway_command_without_a_source_says_how_to_give_one() -> None:
     proc = gateway_command("--bootstrap", "127.0.0.1:1", "--port", "70000")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "PEERINFER_PORT" in err and "Traceback" not in err
+
+
+def test_a_lan_gateway_finds_a_lan_worker_with_no_bootstrap(tmp_path: Path) -> None:
+    from tests.test_lan import LOOPBACK, start_worker
+
+    net = network_id()
+    worker = start_worker(tmp_path / "lan-home", net)
+    gateway = ThreadGateway(gateway_settings(lan=True, lan_interfaces=LOOPBACK, network_id=net))
+    try:
+        gateway.wait_for_peers(1)
+        stream = gateway.openai().chat.completions.create(model="m", messages=HELLO, max_tokens=400, stream=True)
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == STORY
+        assert note(chunks[0]) == {"peer": worker.peer_id, "url": worker.url}
+        assert "LAN" in httpx.get(gateway.url + "/health").json()["source"]
+    finally:
+        gateway.stop()
+        worker.stop()
