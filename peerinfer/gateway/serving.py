@@ -113,6 +113,9 @@ class RelayedStream:
         self._task.add_done_callback(lambda _: on_end())
 
     async def _put(self, frame: bytes | None) -> None:
+        if not self._queue.full():  # the usual case: no timer, no task per frame
+            self._queue.put_nowait(frame)
+            return
         try:
             await asyncio.wait_for(self._queue.put(frame), self.stall_s)
         except TimeoutError:
@@ -166,13 +169,16 @@ class RelayedStream:
         """The stream's SSE frames to the end; leaving early (a client that left) stops the answer."""
         try:
             while True:
-                try:
-                    frame = await asyncio.wait_for(self._queue.get(), self.keepalive_s)
-                except TimeoutError:
-                    if self._task.done() and self._queue.empty():
-                        return
-                    yield sse.KEEPALIVE
-                    continue
+                if not self._queue.empty():
+                    frame = self._queue.get_nowait()  # the usual case: no timer, no task per frame
+                else:
+                    try:
+                        frame = await asyncio.wait_for(self._queue.get(), self.keepalive_s)
+                    except TimeoutError:
+                        if self._task.done() and self._queue.empty():
+                            return
+                        yield sse.KEEPALIVE
+                        continue
                 if frame is None:
                     return
                 yield frame
