@@ -1,4 +1,4 @@
-"""``python3 -m peerinfer bootstrap --port P`` and ``python3 -m peerinfer peers --bootstrap host:port``."""
+"""``python3 -m peerinfer bootstrap|peers|gateway ...`` (see ``--help``)."""
 
 import sys
 

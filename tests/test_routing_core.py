@@ -216,6 +216,7 @@ class ScriptedPeer:
     cut_after: int | None = None  # deltas sent before the connection breaks
     status: int = 200
     gzip_health: bool = False
+    claimed_tokens: int | None = None  # what its usage says, if not the truth
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, host: str) -> bytes:
@@ -289,7 +290,8 @@ class ScriptedPeers:
             + json.dumps({**frame, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode()
             + b"\n\n"
         )
-        usage = {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}
+        tokens = len(words) if peer.claimed_tokens is None else peer.claimed_tokens
+        usage = {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens}
         yield b"data: " + json.dumps({**frame, "choices": [], "usage": usage}).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
@@ -426,3 +428,12 @@ def test_a_survey_probes_every_known_peer_but_not_more_often_than_its_interval()
 
     assert asyncio.run(run()) == [True] * 5
     assert sorted(health_calls) == sorted(peers.peers)
+
+
+@pytest.mark.parametrize(("claimed", "counted"), [(100_000_000, 20), (0, len(WORDS))])
+def test_a_peers_token_count_is_bounded_by_what_it_was_allowed_and_what_it_sent(claimed: int, counted: int) -> None:
+    peers = ScriptedPeers({"liar.test": ScriptedPeer(claimed_tokens=claimed)})
+    with routed(peers, "liar.test") as client:
+        stream = client.chat_stream(HISTORY, max_tokens=20)
+        assert "".join(stream) == STORY
+        assert stream.stats is not None and stream.stats.completion_tokens == counted

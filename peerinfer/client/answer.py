@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from peerinfer.client.resume import AnswerPlan, resumed_body
 from peerinfer.client.routing import failure_action
 from peerinfer.client.stream_events import StreamChunk
-from peerinfer.client.transport import WorkerStream
+from peerinfer.client.transport import MAX_ANSWER_TOKENS, WorkerStream
 from peerinfer.errors import ClientError, NoPeersError
 
 if TYPE_CHECKING:
@@ -182,10 +182,12 @@ class RoutedAnswer:
             else:
                 router.succeed(record.peer_id)
             prompt_tokens, completion_tokens = usage
+            if completion_tokens is None:
+                completion_tokens = deltas - earlier
+            # A peer's count is its claim: never more than it was allowed to write, nor fewer than it sent.
+            completion_tokens = max(deltas - earlier, min(completion_tokens, limit or MAX_ANSWER_TOKENS))
             # Tokens of abandoned peers are counted as the deltas they sent; the resumed prompt held them.
-            self.completion_tokens = earlier + (
-                completion_tokens if completion_tokens is not None else deltas - earlier
-            )
+            self.completion_tokens = earlier + completion_tokens
             self.prompt_tokens = None if prompt_tokens is None else max(0, prompt_tokens - earlier)
             self.stats = stream_stats(started, first, self.prompt_tokens, self.completion_tokens, self.finish_reason)
             if peer_first is not None and deltas - earlier > 1:

@@ -1,4 +1,4 @@
-"""``python3 -m peerinfer``: run a stand-alone bootstrap node, or list the verified peers."""
+"""``python3 -m peerinfer``: run a bootstrap node or the gateway, or list the verified peers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from peerinfer.client.peer_http import PeerRejected
 from peerinfer.client.transport import WorkerHttp
 from peerinfer.client.vetting import prove_key, vet_peer
 from peerinfer.errors import PeerInferError
+from peerinfer.gateway.cli import add_gateway_parser, run_gateway
 from peerinfer.network.dht import DhtNode
 from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, model_key
 from peerinfer.network.sources import open_discovery
@@ -43,6 +44,7 @@ def build_parser(settings: ClientSettings) -> argparse.ArgumentParser:
     peers.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     peers.add_argument("--min-peers", type=int, default=1, help="wait until this many are found (default: 1)")
     peers.add_argument("--timeout", type=float, default=5.0, help="most seconds to wait for them (default: 5)")
+    add_gateway_parser(commands)
     for sub in (boot, peers):
         sub.add_argument("--network-id", type=int, default=settings.network_id, help="private DHT network id")
     return parser
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     err = err or sys.stderr
     args = build_parser(ClientSettings()).parse_args(argv)
     try:
+        if args.command == "gateway":
+            return run_gateway(args, err)
         if args.command == "bootstrap":
             return run_bootstrap(args, err)
         return run_peers(args, out, err)
