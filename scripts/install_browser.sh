@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The browser tests' Debian packages (tests/test_web_page.py): chromium, and fonts for Devanagari and
-# Tamil so that the page's Hindi and Tamil render as letters in its screenshots. Called by
+# Tamil so that the page's Hindi and Tamil render as letters in its screenshots; and iproute2 (`ip`),
+# which the network-namespace tests (tests/test_lan_netns.py) need. Called by
 # scripts/setup.sh --dev. Never fails: without root or apt-get it says so in one line, and the
 # browser tests then skip with the reason.
 set -uo pipefail
@@ -10,6 +11,7 @@ want=()
 [ -x "$chromium" ] || want+=(chromium)
 [ -d /usr/share/fonts/truetype/lohit-devanagari ] || want+=(fonts-lohit-deva)
 [ -d /usr/share/fonts/truetype/lohit-tamil ] || want+=(fonts-lohit-taml)
+command -v ip >/dev/null 2>&1 || want+=(iproute2)
 [ "${#want[@]}" -gt 0 ] || exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

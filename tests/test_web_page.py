@@ -215,6 +215,7 @@ def test_setup_installs_chromium_with_apt_when_root_and_it_is_missing(tmp_path: 
     install = calls.splitlines()[0]
     assert install.startswith("install -y -q --no-install-recommends chromium")
     assert result.stderr.count("\n") == 1 and "installing chromium" in result.stderr
+    assert "iproute2" in install.split()  # `ip` is missing from this PATH: the namespace tests need it
 
 
 def test_setup_updates_the_package_lists_when_the_first_install_fails(tmp_path: Path) -> None:
