@@ -19,8 +19,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import httpx
-
 from peerinfer.client.core import (
     Chooser,
     PeerChunk,
@@ -35,7 +33,7 @@ from peerinfer.client.loop import BackgroundLoop
 from peerinfer.client.resume import chat_plan, completion_plan
 from peerinfer.client.routing import BanList, Probe, choose_peer
 from peerinfer.client.sdk import Message
-from peerinfer.client.transport import WorkerHttp
+from peerinfer.client.transport import Transport, WorkerHttp
 from peerinfer.network.discovery import Discovery
 from peerinfer.network.records import PeerRecord
 from peerinfer.network.sources import open_discovery
@@ -75,7 +73,7 @@ class RoutedClient:
         rng: random.Random | None = None,
         chooser: Chooser = choose_peer,
         on_switch: Callable[[Switch], None] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self._opened = None
         description = "the given discovery"

@@ -15,14 +15,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
-
 from peerinfer.api.health import HealthRejected, HealthReport, read_health
 from peerinfer.api.openai import COMPLETIONS_DEFAULT_MAX_TOKENS
 from peerinfer.client.answer import StreamStats, stream_stats
 from peerinfer.client.loop import BackgroundLoop
 from peerinfer.client.peer_http import PeerRejected
-from peerinfer.client.transport import WorkerHttp, WorkerStream
+from peerinfer.client.transport import Transport, WorkerHttp, WorkerStream
 from peerinfer.client.vetting import MAX_HEALTH_BYTES
 from peerinfer.errors import ClientError
 
@@ -86,7 +84,7 @@ class PeerInferClient:
         api_key: str | None = None,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 120.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ClientError(f"invalid worker URL {base_url!r}: it must start with http:// or https://")

@@ -31,6 +31,9 @@ from peerinfer.client.sse_parser import SSEError, SSEParser
 from peerinfer.client.stream_events import StreamChunk, read_chunk
 from peerinfer.errors import ClientError
 
+Transport = httpx.AsyncBaseTransport
+"""What replaces the network under ``WorkerHttp`` in tests (``httpx.MockTransport``, ``httpx.ASGITransport``)."""
+
 MAX_ERROR_BYTES = 64 * 1024
 ERROR_READ_S = 5.0
 MAX_ANSWER_TOKENS = 131072  # the largest context a worker can have (PEERINFER_N_CTX): no answer is longer
@@ -92,7 +95,7 @@ class WorkerHttp:
     def __init__(
         self,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
         api_key: str | None = None,
         connect_timeout_s: float = 3.0,
         read_timeout_s: float = 60.0,
