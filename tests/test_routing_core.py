@@ -437,3 +437,60 @@ def test_a_peers_token_count_is_bounded_by_what_it_was_allowed_and_what_it_sent(
         stream = client.chat_stream(HISTORY, max_tokens=20)
         assert "".join(stream) == STORY
         assert stream.stats is not None and stream.stats.completion_tokens == counted
+
+
+def counting_transport(peers: ScriptedPeers, calls: list[str]) -> httpx.MockTransport:
+    inner = peers.transport
+
+    async def counting(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            calls.append(request.url.host)
+        return await inner.handle_async_request(request)
+
+    return httpx.MockTransport(counting)
+
+
+def test_a_peer_probed_a_moment_ago_is_used_again_and_requests_at_once_share_one_probe() -> None:
+    peers = ScriptedPeers({"one.test": ScriptedPeer()})
+    calls: list[str] = []
+
+    async def run() -> list[str]:
+        router = Router(
+            Discovery(Store(peers.values()), timeout_s=0.5), WorkerHttp(transport=counting_transport(peers, calls))
+        )
+        try:
+
+            async def answer() -> str:
+                routed = router.answer(chat_plan({"messages": HISTORY, "stream": True}))
+                return "".join([event.chunk.text async for event in routed if isinstance(event, PeerChunk)])
+
+            texts = list(await asyncio.gather(*(answer() for _ in range(4))))  # at once: one probe
+            texts.append(await answer())  # a moment later: the same probe, no new one
+            return texts
+        finally:
+            await router.aclose()
+
+    assert asyncio.run(run()) == [STORY] * 5
+    assert calls == ["one.test"]
+
+
+def test_a_fresh_probe_counts_the_streams_sent_since_and_a_full_peer_is_probed_again() -> None:
+    peers = ScriptedPeers({"one.test": ScriptedPeer()})
+    calls: list[str] = []
+
+    async def run() -> tuple[int, int]:
+        router = Router(
+            Discovery(Store(peers.values()), timeout_s=0.5), WorkerHttp(transport=counting_transport(peers, calls))
+        )
+        try:
+            record, _ = await router.pick(set())
+            for _ in range(4):  # this router opens four streams: the peer reported 4 free slots
+                router.serving(record.peer_id, +1)
+            fresh = router.fresh_probe(record.peer_id, time.monotonic())
+            assert fresh is not None
+            await router.pick(set())  # no free slot left by its count: probe again
+            return fresh.slots_free, len(calls)
+        finally:
+            await router.aclose()
+
+    assert asyncio.run(run()) == (0, 2)

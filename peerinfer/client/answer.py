@@ -147,6 +147,7 @@ class RoutedAnswer:
             usage: tuple[int | None, int | None] = (None, None)
             try:
                 stream = await router.http.open_stream(probe.url, self.plan.path, body, max_tokens=limit)
+                router.serving(record.peer_id, +1)
                 self.peers.append(probe.url)
                 yield PeerOpened(record.peer_id, probe.url, switch)
                 async for chunk in stream.chunks():
@@ -173,6 +174,7 @@ class RoutedAnswer:
                 continue
             finally:
                 if stream is not None:
+                    router.serving(record.peer_id, -1)
                     await stream.aclose()
             if stream is not None and stream.overran:
                 # More text than was asked for: the answer ends at the limit, the peer is not trusted again soon.

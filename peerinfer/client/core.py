@@ -20,6 +20,8 @@ wave, which peer to use, what a failure means, how long a ban lasts); this modul
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import math
 import random
@@ -78,6 +80,7 @@ class RouterOptions:
     max_parallel_probes: int = 64
     probe_grace_s: float = 0.05  # least time to wait for other probes once one has passed
     lookup_ttl_s: float = 5.0
+    probe_fresh_s: float = 1.0  # a probe this young is used again instead of a new one
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,9 @@ class Router:
         self._speed: dict[str, float] = {}  # measured tokens/s of each peer's answers
         self._background: set[asyncio.Task[Probe]] = set()  # probes that outlived a choice
         self._surveyed_at = -math.inf
+        self._vetting: dict[str, asyncio.Task[Probe]] = {}  # the probe in flight of each peer
+        self._probed_at: dict[str, tuple[float, int]] = {}  # when each last probe passed, and streams open then
+        self._serving: Counter[str] = Counter()  # streams this router has open to each peer
 
     # --- discovery and choice -------------------------------------------------------------
 
@@ -173,9 +179,24 @@ class Router:
     async def vet(self, record: PeerRecord, deadline: float) -> Probe:
         """Probe the peer (and challenge it, the first time) by ``deadline``; a failure bans it.
 
+        One probe of a peer at a time: requests that want the same peer probed at once share it.
         May finish after ``pick`` has returned: a peer that failed is banned all the same, and one
         that passed is remembered as proven.
         """
+        task = self._vetting.get(record.peer_id)
+        if task is None:
+            task = asyncio.create_task(self._vet(record, deadline))
+            self._vetting[record.peer_id] = task
+            task.add_done_callback(functools.partial(self._vetted, record.peer_id))
+        return await asyncio.shield(task)
+
+    def _vetted(self, peer_id: str, task: asyncio.Task[Probe]) -> None:
+        if self._vetting.get(peer_id) is task:
+            del self._vetting[peer_id]
+        if not task.cancelled():
+            task.exception()  # retrieved even when every waiter has gone: the verdict is kept
+
+    async def _vet(self, record: PeerRecord, deadline: float) -> Probe:
         try:
             probe = await vet_peer(self.http, record, deadline=deadline, challenge=not self.proven(record))
         except asyncio.CancelledError:
@@ -200,7 +221,24 @@ class Router:
         self._verified.add((record.peer_id, record.endpoints[0]))
         self.discovery.trusted.add(record.peer_id)
         self._probes[record.peer_id] = probe
+        self._probed_at[record.peer_id] = (time.monotonic(), self._serving[record.peer_id])
         return probe
+
+    def fresh_probe(self, peer_id: str, now: float) -> Probe | None:
+        """The peer's last probe if it is younger than ``probe_fresh_s``, its free slots lowered by
+        the streams this router has opened to it since; None otherwise."""
+        probe = self._probes.get(peer_id)
+        probed = self._probed_at.get(peer_id)
+        if probe is None or probed is None or now - probed[0] > self.options.probe_fresh_s:
+            return None
+        opened_since = max(0, self._serving[peer_id] - probed[1])
+        return dataclasses.replace(probe, slots_free=max(0, probe.slots_free - opened_since))
+
+    def serving(self, peer_id: str, change: int) -> None:
+        """A stream to the peer opened (+1) or ended (-1): what a fresh probe did not see yet."""
+        self._serving[peer_id] += change
+        if self._serving[peer_id] <= 0:
+            del self._serving[peer_id]
 
     async def probe(self, record: PeerRecord) -> Probe | None:
         """One vetting of ``record`` within ``probe_timeout_s``; None if it failed."""
@@ -227,6 +265,13 @@ class Router:
         if wanted is not None:
             queue.remove(wanted)
             queue.insert(0, wanted)
+        # A peer probed a moment ago, with a free slot even counting what this router sent it since,
+        # is used without a new round trip (a busy gateway would otherwise probe before every request).
+        now = time.monotonic()
+        fresh = [probe for record in queue if (probe := self.fresh_probe(record.peer_id, now)) and probe.slots_free > 0]
+        if fresh:
+            chosen = choose_with_affinity(fresh, prefer, self.rng, self.chooser)
+            return records[chosen.peer_id], chosen
         state = ChoiceState(
             deadline=deadline,
             wave=options.probe_count + (wanted is not None),
