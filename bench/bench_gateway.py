@@ -120,9 +120,11 @@ class Process:
                 self.proc.wait()
 
 
-def real_worker(boot: DhtNode, home: Path) -> Process:
+def real_worker(boot: DhtNode, home: Path, threads: int | None = None) -> Process:
     port = free_port()
     env = {**network_env(boot, home), "PEERINFER_SLOTS": "4", "PEERINFER_N_CTX": "1024"}
+    if threads is not None:
+        env["PEERINFER_N_THREADS"] = str(threads)
     env["PEERINFER_ANNOUNCE_URL"] = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "uvicorn", "worker:app", "--host", "127.0.0.1", "--port", str(port)]
     worker = Process(command, env, url_line=False)
@@ -190,11 +192,12 @@ def ms(value: float) -> str:
     return f"{value * 1000:.1f}"
 
 
-def overhead(boot: DhtNode, tmp: Path, rounds: int) -> None:
-    worker = real_worker(boot, tmp / "real")
+def overhead(boot: DhtNode, tmp: Path, rounds: int, threads: int | None = None) -> None:
+    worker = real_worker(boot, tmp / "real", threads)
     front = gateway(boot, tmp / "gw-real", 1, httpx.get(worker.url + "/health").json()["sha256"])
     try:
         body = {"messages": QUESTION, "max_tokens": 48, "temperature": 0, "stream": True}
+        print(f"worker threads: {threads or 'its default (all cores)'}\n")
         asyncio.run(batch([worker.url], 1, body))  # warm both paths
         asyncio.run(batch([front.url], 1, body))
         print(
@@ -264,13 +267,19 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10, help="paired rounds per concurrency (default: 10)")
     parser.add_argument("--streams", default="64,128", help="concurrent streams to carry (default: 64,128)")
     parser.add_argument("--only", choices=("overhead", "carry"), default=None)
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        default=None,
+        help="the real worker's llama.cpp threads (default: its own, all cores); 1 leaves a core to the gateway",
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="peerinfer-bench-gateway-"))
     boot = DhtNode(host="127.0.0.1", port=0, network_id=NET)
     try:
         print(f"# gateway benchmark ({os.cpu_count()} CPUs)\n")
         if args.only in (None, "overhead"):
-            overhead(boot, tmp, args.rounds)
+            overhead(boot, tmp, args.rounds, args.worker_threads)
         if args.only in (None, "carry"):
             carry(boot, tmp, [int(part) for part in args.streams.split(",")])
     finally:

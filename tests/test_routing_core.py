@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -494,3 +495,34 @@ def test_a_fresh_probe_counts_the_streams_sent_since_and_a_full_peer_is_probed_a
             await router.aclose()
 
     assert asyncio.run(run()) == (0, 2)
+
+
+def test_a_stale_lookup_is_answered_at_once_while_a_new_one_runs_in_the_background() -> None:
+    peers = ScriptedPeers({"one.test": ScriptedPeer()})
+    release, slow, started = threading.Event(), threading.Event(), threading.Event()
+
+    class SlowAfterFirst(Store):
+        def get(self, key: str, timeout_s: float) -> list[bytes]:
+            if slow.is_set():
+                started.set()
+                release.wait()  # the DHT is slow now: nobody may wait for it
+            return super().get(key, timeout_s)
+
+    async def run() -> tuple[int, int, bool]:
+        router = Router(
+            Discovery(SlowAfterFirst(peers.values()), timeout_s=0.5),
+            WorkerHttp(transport=peers.transport),
+            options=RouterOptions(lookup_ttl_s=0.0),
+        )
+        try:
+            first = await router.peers()
+            slow.set()
+            # Stale at once (ttl 0): answered from the last lookup; a hang here would be a failure.
+            second = await asyncio.wait_for(router.peers(), timeout=30)
+            refreshing = await asyncio.to_thread(started.wait, 30)  # the new lookup did start
+            return len(first), len(second), refreshing
+        finally:
+            release.set()
+            await router.aclose()
+
+    assert asyncio.run(run()) == (1, 1, True)

@@ -133,6 +133,7 @@ class Router:
         self._lookup: Lookup | None = None
         self._looked_up_at = -math.inf
         self._lookup_lock = asyncio.Lock()
+        self._refresh: asyncio.Task[Lookup] | None = None
         self._verified: set[tuple[str, str]] = set()
         self._affinity: OrderedDict[str, str] = OrderedDict()  # conversation key -> peer that answered it
         self._probes: dict[str, Probe] = {}  # the last passed probe of each peer
@@ -147,15 +148,30 @@ class Router:
     # --- discovery and choice -------------------------------------------------------------
 
     async def peers(self, fresh: bool = False) -> list[PeerRecord]:
-        """Verified live peers for the model, from the last lookup if it is recent enough."""
+        """Verified live peers for the model, from the last lookup unless ``fresh``.
+
+        A lookup older than ``lookup_ttl_s`` is still answered at once, while a new one runs in the
+        background (stale while it revalidates): no request waits for the DHT once one lookup is in.
+        """
+        if fresh or self._lookup is None:
+            return list((await self._look_up()).records)
+        stale = time.monotonic() - self._looked_up_at > self.options.lookup_ttl_s
+        if stale and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.create_task(self._look_up())
+            self._refresh.add_done_callback(self._refreshed)
+        return list(self._lookup.records)
+
+    async def _look_up(self) -> Lookup:
         async with self._lookup_lock:
-            stale = time.monotonic() - self._looked_up_at > self.options.lookup_ttl_s
-            if fresh or self._lookup is None or stale:
-                # Discovery blocks (a DHT get, an mDNS browse): off the loop.
-                self._lookup = await asyncio.to_thread(self.discovery.lookup, self.model_sha256, self.model_name)
-                self._looked_up_at = time.monotonic()
-                self.lookups += 1
-            return list(self._lookup.records)
+            # Discovery blocks (a DHT get, an mDNS browse): off the loop.
+            lookup = await asyncio.to_thread(self.discovery.lookup, self.model_sha256, self.model_name)
+            self._lookup, self._looked_up_at = lookup, time.monotonic()
+            self.lookups += 1
+            return lookup
+
+    def _refreshed(self, task: asyncio.Task[Lookup]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a background lookup of peers failed (%s); the last one is used meanwhile", task.exception())
 
     def proven(self, record: PeerRecord) -> bool:
         """Whether this endpoint has signed a fresh nonce with the record's key before."""
@@ -396,6 +412,8 @@ class Router:
         return RoutedAnswer(self, plan, prefer=prefer)
 
     async def aclose(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
         for task in list(self._background):
             task.cancel()
         self._background.clear()
