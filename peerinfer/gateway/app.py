@@ -14,7 +14,6 @@ like any chat, and written back in the Responses format, so a text answer resume
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import sys
@@ -26,7 +25,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from peerinfer.api import openai as wire
 from peerinfer.api.network import NetworkView, network_view
@@ -36,15 +34,16 @@ from peerinfer.api.responses import ResponsesRequest, parse_responses_request
 from peerinfer.client.core import Router, RouterOptions
 from peerinfer.client.resume import CHAT_PATH, COMPLETIONS_PATH, chat_plan, completion_plan
 from peerinfer.client.transport import WorkerHttp
-from peerinfer.errors import AuthError, ClientError, ConfigError, NoPeersError, NotFoundError, PeerInferError
+from peerinfer.errors import ClientError, ConfigError, NoPeersError, NotFoundError
 from peerinfer.gateway import responses as responses_api
 from peerinfer.gateway.limits import Admission
-from peerinfer.gateway.metrics import CONTENT_TYPE, GatewayMetrics, RequestCounter
+from peerinfer.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from peerinfer.gateway.serving import ChatRelay, relay_stream, whole
 from peerinfer.network.sources import OpenedDiscovery, open_discovery
 from peerinfer.server import openapi, protocol
-from peerinfer.server.errors import error_response, http_error_response
-from peerinfer.server.guards import HostGuard, HostPolicy, read_json_body
+from peerinfer.server.errors import add_error_handlers, error_response
+from peerinfer.server.guards import HostGuard, HostPolicy, check_api_key, read_json_body
+from peerinfer.server.metrics import RequestCounter
 from peerinfer.settings import GatewaySettings, load_gateway_settings
 from peerinfer.web import page_router
 
@@ -183,8 +182,8 @@ def create_gateway_app(
             max_age=600,
         )
     app.add_middleware(HostGuard, policy=HostPolicy.build(settings.allowed_hosts, ()))
-    app.add_middleware(RequestCounter, metrics=metrics)
-    _add_error_handlers(app)
+    app.add_middleware(RequestCounter, requests=metrics.requests)
+    add_error_handlers(app, gateway_error_response)
     _add_routes(app, state)
     app.include_router(page_router(lambda request: _network_view(state, request)))
     openapi.document_request_bodies(app, (wire.ChatCompletionRequest, wire.CompletionRequest, ResponsesRequest))
@@ -209,29 +208,8 @@ def gateway_error_response(exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(PeerInferError)
-    async def on_peerinfer_error(request: Request, exc: PeerInferError) -> JSONResponse:
-        return gateway_error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return http_error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
-
-
 def _check_api_key(settings: GatewaySettings, request: Request) -> None:
-    expected = settings.api_key
-    if expected is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthError("missing API key; send the header 'Authorization: Bearer <key>'")
-    if not hmac.compare_digest(token.strip().encode(), expected.get_secret_value().encode()):
-        raise AuthError("invalid API key; check the key this gateway was started with (PEERINFER_API_KEY)")
+    check_api_key(request, settings.api_key, "this gateway")
 
 
 async def _network_view(state: GatewayState, request: Request) -> NetworkView:

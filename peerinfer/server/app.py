@@ -7,7 +7,6 @@ with ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import sys
@@ -20,22 +19,20 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peerinfer.api import openai as wire
 from peerinfer.api.health import HealthReport
 from peerinfer.api.network import NetworkView
 from peerinfer.api.responses import ResponsesRequest, parse_responses_request
 from peerinfer.engine.base import Engine
-from peerinfer.errors import AuthError, ConfigError, NotFoundError, OverloadedError, PeerInferError
+from peerinfer.errors import ConfigError, NotFoundError, OverloadedError, PeerInferError
 from peerinfer.network.addresses import guess_announce_url
 from peerinfer.server import openapi, protocol
 from peerinfer.server.chat import ChatServing
 from peerinfer.server.completions import CompletionServing
-from peerinfer.server.errors import error_response, http_error_response
-from peerinfer.server.guards import HostGuard, HostPolicy, read_json_body
-from peerinfer.server.metrics import CONTENT_TYPE, UNMATCHED, WorkerMetrics
+from peerinfer.server.errors import add_error_handlers
+from peerinfer.server.guards import HostGuard, HostPolicy, check_api_key, read_json_body
+from peerinfer.server.metrics import CONTENT_TYPE, RequestCounter, WorkerMetrics
 from peerinfer.server.responses import ResponsesServing
 from peerinfer.server.serving import Serving
 from peerinfer.settings import WorkerSettings, load_worker_settings
@@ -178,64 +175,16 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
         )
     announced = network.announce_url if network is not None else guess_announce_url(sys.argv, "127.0.0.1")
     app.add_middleware(HostGuard, policy=HostPolicy.build(settings.allowed_hosts, (settings.announce_url, announced)))
-    app.add_middleware(RequestCounter, metrics=metrics)
-    _add_error_handlers(app)
+    app.add_middleware(RequestCounter, requests=metrics.requests)
+    add_error_handlers(app)
     _add_routes(app, state)
     _add_page(app, state, network)
     openapi.document_request_bodies(app, (wire.ChatCompletionRequest, wire.CompletionRequest, ResponsesRequest))
     return app
 
 
-class RequestCounter:
-    """Plain ASGI middleware counting responses by route and status; it adds nothing to streamed chunks.
-
-    The label is the matched route's path template, never the raw path: a client cannot grow the label
-    set (and so every scrape of ``/metrics``) by asking for paths that do not exist.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: WorkerMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                route = getattr(scope.get("route"), "path", None)
-                endpoint = route if isinstance(route, str) else UNMATCHED
-                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(PeerInferError)
-    async def on_peerinfer_error(request: Request, exc: PeerInferError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return http_error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
-
-
 def _check_api_key(state: WorkerState, request: Request) -> None:
-    expected = state.settings.api_key
-    if expected is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthError("missing API key; send the header 'Authorization: Bearer <key>'")
-    if not hmac.compare_digest(token.strip().encode(), expected.get_secret_value().encode()):
-        raise AuthError("invalid API key; check the key this worker was started with (PEERINFER_API_KEY)")
+    check_api_key(request, state.settings.api_key, "this worker")
 
 
 def _require_ready(state: WorkerState) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from peerinfer.api.openai import error_body
 from peerinfer.errors import BodyTooLargeError, OverloadedError, PeerInferError
@@ -32,3 +35,19 @@ def error_response(exc: Exception) -> JSONResponse:
 def http_error_response(status: int, detail: str) -> JSONResponse:
     """Starlette's own errors (unknown route, wrong method) in the same shape."""
     return JSONResponse(error_body(detail, "invalid_request_error", code=str(status)), status_code=status)
+
+
+def add_error_handlers(app: FastAPI, to_response: Callable[[PeerInferError], JSONResponse] = error_response) -> None:
+    """Every error of ``app`` in OpenAI's shape: ours through ``to_response``, Starlette's, and the unexpected."""
+
+    @app.exception_handler(PeerInferError)
+    async def on_peerinfer_error(request: Request, exc: PeerInferError) -> JSONResponse:
+        return to_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return http_error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)

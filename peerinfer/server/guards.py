@@ -13,17 +13,19 @@ Two attacks come through the user's own browser when the worker listens on 127.0
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from fastapi import Request
+from pydantic import SecretStr
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from peerinfer.api.openai import dumps, error_body
-from peerinfer.errors import BodyTooLargeError, ClientDisconnectedError, UnsupportedMediaTypeError
+from peerinfer.errors import AuthError, BodyTooLargeError, ClientDisconnectedError, UnsupportedMediaTypeError
 from peerinfer.server.protocol import departure_log, refusal_log
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -160,3 +162,15 @@ async def read_json_body(request: Request, limit: int) -> bytes:
         )
         raise ClientDisconnectedError("the client disconnected before its request body was complete") from exc
     return bytes(body)
+
+
+def check_api_key(request: Request, expected: SecretStr | None, who: str) -> None:
+    """Raises ``AuthError`` unless ``expected`` is None or the request carries it as a Bearer token
+    (compared in constant time); ``who`` names the server in the message ("this worker")."""
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthError("missing API key; send the header 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(token.strip().encode(), expected.get_secret_value().encode()):
+        raise AuthError(f"invalid API key; check the key {who} was started with (PEERINFER_API_KEY)")

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peerinfer.engine.base import EngineStats
 
@@ -75,3 +76,30 @@ class WorkerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """Plain ASGI middleware counting responses by route and status in ``requests`` (a worker's or the
+    gateway's); it adds nothing to streamed chunks.
+
+    The label is the matched route's path template, never the raw path: a client cannot grow the label
+    set (and so every scrape of ``/metrics``) by asking for paths that do not exist.
+    """
+
+    def __init__(self, app: ASGIApp, requests: Counter) -> None:
+        self.app = app
+        self.requests = requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", None)
+                endpoint = route if isinstance(route, str) else UNMATCHED
+                self.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
