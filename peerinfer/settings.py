@@ -94,7 +94,30 @@ def read_chat_template(path: Path) -> str:
     return text
 
 
-class WorkerSettings(NetworkSettings):
+def _name_list(value: object) -> object:
+    """A comma-separated string (as in the environment) or a JSON list."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        return json.loads(value)
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+class ServerSettings(NetworkSettings):
+    """What an HTTP server of ours (a worker, the gateway) reads alike: its log level and name lists."""
+
+    @field_validator("log_level", mode="before", check_fields=False)
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before", check_fields=False)
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        return _name_list(value)
+
+
+class WorkerSettings(ServerSettings):
     """Everything a worker can be told. Every field has a working default."""
 
     model_config = SettingsConfigDict(env_prefix="PEERINFER_", extra="ignore")
@@ -236,21 +259,6 @@ class WorkerSettings(NetworkSettings):
         default=0.3, ge=0.0, le=10.0, description="Time given to the withdrawal to leave before the DHT node stops."
     )
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_level(cls, value: object) -> object:
-        return value.strip().upper() if isinstance(value, str) else value
-
-    @field_validator("allowed_hosts", "cors_origins", mode="before")
-    @classmethod
-    def _split_names(cls, value: object) -> object:
-        """A comma-separated string (as in the environment) or a JSON list."""
-        if not isinstance(value, str):
-            return value
-        if value.lstrip().startswith("["):
-            return json.loads(value)
-        return tuple(part.strip() for part in value.split(",") if part.strip())
-
     @model_validator(mode="after")
     def _read_chat_template(self) -> WorkerSettings:
         if self.chat_template is not None:
@@ -304,16 +312,7 @@ class ClientSettings(NetworkSettings):
     api_key: SecretStr | None = Field(default=None, description="Sent as 'Authorization: Bearer KEY'.")
 
 
-def _name_list(value: object) -> object:
-    """A comma-separated string (as in the environment) or a JSON list."""
-    if not isinstance(value, str):
-        return value
-    if value.lstrip().startswith("["):
-        return json.loads(value)
-    return tuple(part.strip() for part in value.split(",") if part.strip())
-
-
-class GatewaySettings(NetworkSettings):
+class GatewaySettings(ServerSettings):
     """The gateway (``python -m peerinfer gateway``): one OpenAI-compatible door into the network.
 
     ``bootstrap`` and ``lan`` (from ``NetworkSettings``) say where it finds peers; it serves nothing itself.
@@ -397,16 +396,6 @@ class GatewaySettings(NetworkSettings):
         default=(),
         description="Browser origins (comma-separated) that may call the gateway cross-origin; '*' any. Empty: none.",
     )
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_level(cls, value: object) -> object:
-        return value.strip().upper() if isinstance(value, str) else value
-
-    @field_validator("allowed_hosts", "cors_origins", mode="before")
-    @classmethod
-    def _split_names(cls, value: object) -> object:
-        return _name_list(value)
 
 
 def load_gateway_settings(**overrides: object) -> GatewaySettings:
