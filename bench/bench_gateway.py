@@ -192,7 +192,9 @@ def ms(value: float) -> str:
     return f"{value * 1000:.1f}"
 
 
-def overhead(boot: DhtNode, tmp: Path, rounds: int, threads: int | None = None) -> None:
+def overhead(boot: DhtNode, tmp: Path, rounds: int, threads: int | None = None) -> dict[int, dict[str, list[Stream]]]:
+    """The paired rounds' streams, by concurrency and path ("direct", "gateway"); prints the table."""
+    measured: dict[int, dict[str, list[Stream]]] = {}
     worker = real_worker(boot, tmp / "real", threads)
     front = gateway(boot, tmp / "gw-real", 1, httpx.get(worker.url + "/health").json()["sha256"])
     try:
@@ -211,6 +213,7 @@ def overhead(boot: DhtNode, tmp: Path, rounds: int, threads: int | None = None) 
                 order = [("direct", worker.url), ("gateway", front.url)]
                 for name, url in order if number % 2 == 0 else reversed(order):
                     results[name] += asyncio.run(batch([url], concurrency, body))
+            measured[concurrency] = results
             ttft = {
                 name: statistics.median(s.ttft_s for s in got if s.ttft_s is not None) for name, got in results.items()
             }
@@ -227,6 +230,31 @@ def overhead(boot: DhtNode, tmp: Path, rounds: int, threads: int | None = None) 
     finally:
         front.stop()
         worker.stop()
+    return measured
+
+
+def chart(measured: dict[int, dict[str, list[Stream]]], path: Path) -> None:
+    """Box plots of every stream's TTFT and time per token, direct and through the gateway."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, what, unit in ((axes[0], "ttft_s", "TTFT (ms)"), (axes[1], "per_token_s", "time per token (ms)")):
+        data, labels = [], []
+        for concurrency, results in measured.items():
+            for name in ("direct", "gateway"):
+                values = [getattr(s, what) * 1000 for s in results[name] if getattr(s, what) is not None]
+                data.append(values)
+                labels.append(f"{name}\nc{concurrency}")
+        axis.boxplot(data, tick_labels=labels, showfliers=False)
+        axis.set_ylabel(unit)
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle("streamed chat, straight to the worker and through the gateway (paired rounds)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    print(f"\nchart: {path}")
 
 
 def carry(boot: DhtNode, tmp: Path, counts: list[int]) -> None:
@@ -273,13 +301,16 @@ def main() -> int:
         default=None,
         help="the real worker's llama.cpp threads (default: its own, all cores); 1 leaves a core to the gateway",
     )
+    parser.add_argument("--chart", type=Path, default=None, help="write box plots of the overhead rounds here (PNG)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="peerinfer-bench-gateway-"))
     boot = DhtNode(host="127.0.0.1", port=0, network_id=NET)
     try:
         print(f"# gateway benchmark ({os.cpu_count()} CPUs)\n")
         if args.only in (None, "overhead"):
-            overhead(boot, tmp, args.rounds, args.worker_threads)
+            measured = overhead(boot, tmp, args.rounds, args.worker_threads)
+            if args.chart is not None:
+                chart(measured, args.chart)
         if args.only in (None, "carry"):
             carry(boot, tmp, [int(part) for part in args.streams.split(",")])
     finally:
