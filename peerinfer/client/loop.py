@@ -58,6 +58,8 @@ class BackgroundLoop:
         try:
             if final is not None:
                 self.run(final)
+            # Async generators left unfinished are closed here, on the loop, not as tasks it never runs.
+            self.run(self._loop.shutdown_asyncgens())
         finally:
             self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -243,8 +243,11 @@ class WorkerStream:
         deltas = 0
         chars = 0
         progress = time.monotonic()  # when text last arrived
+        # Closed in ``finally``: left to the garbage collector, its clean-up would be a task the loop
+        # may never run (asyncio then prints "Task was destroyed but it is pending" at exit).
+        pieces = self._response.aiter_bytes()  # identity-encoded (checked on opening)
         try:
-            async for piece in self._response.aiter_bytes():  # identity-encoded (checked on opening)
+            async for piece in pieces:
                 if time.monotonic() - progress > self._idle_timeout_s:
                     raise ClientError(f"the worker sent no text for {self._idle_timeout_s:g} s")
                 for event in parser.feed(piece):
@@ -274,6 +277,7 @@ class WorkerStream:
         except (httpx.HTTPError, OSError) as exc:
             raise ClientError(f"the connection to the worker broke mid-stream: {type(exc).__name__}") from exc
         finally:
+            await pieces.aclose()  # type: ignore[attr-defined]
             await self._response.aclose()
 
     async def aclose(self) -> None:
