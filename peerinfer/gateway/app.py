@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from peerinfer.api import openai as wire
@@ -40,9 +39,9 @@ from peerinfer.gateway.limits import Admission
 from peerinfer.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from peerinfer.gateway.serving import ChatRelay, relay_stream, whole
 from peerinfer.network.sources import OpenedDiscovery, open_discovery
-from peerinfer.server import openapi, protocol
+from peerinfer.server import openapi
 from peerinfer.server.errors import add_error_handlers, error_response
-from peerinfer.server.guards import HostGuard, HostPolicy, check_api_key, read_json_body
+from peerinfer.server.guards import HostGuard, HostPolicy, check_api_key, install_http_limits, read_json_body
 from peerinfer.server.metrics import RequestCounter
 from peerinfer.settings import GatewaySettings, load_gateway_settings
 from peerinfer.web import page_router
@@ -163,24 +162,7 @@ def create_gateway_app(
 
     app = FastAPI(title="peerinfer gateway", lifespan=lifespan, description=openapi.API_DESCRIPTION)
     app.state.gateway = state
-    app.state.http_limits = protocol.HttpLimits(
-        max_header_bytes=settings.max_header_bytes,
-        head_timeout_s=settings.head_timeout_s,
-        body_timeout_s=settings.body_timeout_s,
-        max_connections=settings.max_connections,
-        on_refusal=metrics.count_refusal,
-    )
-    protocol.install()
-    if settings.cors_origins:
-        origins = ["*"] if "*" in settings.cors_origins else [origin.rstrip("/") for origin in settings.cors_origins]
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-            expose_headers=["X-PeerInfer-Peer", "X-PeerInfer-Peers"],
-            max_age=600,
-        )
+    install_http_limits(app, settings, metrics.count_refusal, expose_headers=("X-PeerInfer-Peer", "X-PeerInfer-Peers"))
     app.add_middleware(HostGuard, policy=HostPolicy.build(settings.allowed_hosts, ()))
     app.add_middleware(RequestCounter, requests=metrics.requests)
     add_error_handlers(app, gateway_error_response)

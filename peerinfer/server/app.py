@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from peerinfer.api import openai as wire
@@ -27,11 +26,11 @@ from peerinfer.api.responses import ResponsesRequest, parse_responses_request
 from peerinfer.engine.base import Engine
 from peerinfer.errors import ConfigError, NotFoundError, OverloadedError, PeerInferError
 from peerinfer.network.addresses import guess_announce_url
-from peerinfer.server import openapi, protocol
+from peerinfer.server import openapi
 from peerinfer.server.chat import ChatServing
 from peerinfer.server.completions import CompletionServing
 from peerinfer.server.errors import add_error_handlers
-from peerinfer.server.guards import HostGuard, HostPolicy, check_api_key, read_json_body
+from peerinfer.server.guards import HostGuard, HostPolicy, check_api_key, install_http_limits, read_json_body
 from peerinfer.server.metrics import CONTENT_TYPE, RequestCounter, WorkerMetrics
 from peerinfer.server.responses import ResponsesServing
 from peerinfer.server.serving import Serving
@@ -154,25 +153,9 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
     app = FastAPI(title="peerinfer worker", lifespan=lifespan, description=openapi.API_DESCRIPTION)
     app.state.worker = state
     app.state.network = network
-    app.state.http_limits = protocol.HttpLimits(
-        max_header_bytes=settings.max_header_bytes,
-        head_timeout_s=settings.head_timeout_s,
-        body_timeout_s=settings.body_timeout_s,
-        max_connections=settings.max_connections,
-        on_refusal=metrics.count_refusal,
-    )
-    protocol.install()
+    install_http_limits(app, settings, metrics.count_refusal)
     if network is not None:
         app.include_router(network.router)
-    if settings.cors_origins:
-        origins = ["*"] if "*" in settings.cors_origins else [origin.rstrip("/") for origin in settings.cors_origins]
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-            max_age=600,
-        )
     announced = network.announce_url if network is not None else guess_announce_url(sys.argv, "127.0.0.1")
     app.add_middleware(HostGuard, policy=HostPolicy.build(settings.allowed_hosts, (settings.announce_url, announced)))
     app.add_middleware(RequestCounter, requests=metrics.requests)

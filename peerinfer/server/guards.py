@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from pydantic import SecretStr
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from peerinfer.api.openai import dumps, error_body
 from peerinfer.errors import AuthError, BodyTooLargeError, ClientDisconnectedError, UnsupportedMediaTypeError
-from peerinfer.server.protocol import departure_log, refusal_log
+from peerinfer.server.protocol import HttpLimits, departure_log, refusal_log
+from peerinfer.server.protocol import install as install_protocol
+from peerinfer.settings import GatewaySettings, WorkerSettings
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 JSON_TYPE = re.compile(r"^\s*application/json\s*(;.*)?$", re.IGNORECASE)
@@ -174,3 +177,32 @@ def check_api_key(request: Request, expected: SecretStr | None, who: str) -> Non
         raise AuthError("missing API key; send the header 'Authorization: Bearer <key>'")
     if not hmac.compare_digest(token.strip().encode(), expected.get_secret_value().encode()):
         raise AuthError(f"invalid API key; check the key {who} was started with (PEERINFER_API_KEY)")
+
+
+def install_http_limits(
+    app: FastAPI,
+    settings: WorkerSettings | GatewaySettings,
+    on_refusal: Callable[[str], None],
+    *,
+    expose_headers: Sequence[str] = (),
+) -> None:
+    """The protocol limits (head size and time, body time, connections) and CORS (only for
+    ``cors_origins``) of a worker or the gateway, set up alike on both."""
+    app.state.http_limits = HttpLimits(
+        max_header_bytes=settings.max_header_bytes,
+        head_timeout_s=settings.head_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections,
+        on_refusal=on_refusal,
+    )
+    install_protocol()
+    if settings.cors_origins:
+        origins = ["*"] if "*" in settings.cors_origins else [origin.rstrip("/") for origin in settings.cors_origins]
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=list(expose_headers),
+            max_age=600,
+        )
