@@ -14,9 +14,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from peerinfer.engine.chat_template import compile_template
 from peerinfer.errors import ConfigError
+from peerinfer.network.ice_config import IceServer, parse_ice_servers
 
 LogLevel = Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
 NameList = Annotated[tuple[str, ...], NoDecode]
+IceServerList = Annotated[tuple[IceServer, ...], NoDecode]
 MAX_CHAT_TEMPLATE_BYTES = 1_048_576
 
 
@@ -56,6 +58,33 @@ class NetworkSettings(BaseSettings):
         max_length=64,
         description="IPv4 addresses (comma-separated) of the interfaces mDNS uses. Empty: every IPv4 interface.",
     )
+
+    ice: bool = Field(
+        default=True,
+        description="Reach and be reached through ICE (peerinfer/network/ice.py): a worker with a DHT announces an "
+        "ice:// endpoint that clients open with hole punching, or through a TURN relay when nothing else works.",
+    )
+    ice_servers: IceServerList = Field(
+        default=(),
+        description="STUN and TURN servers ICE may use, a JSON list in WebRTC's iceServers shape, e.g. "
+        '[{"urls": "turn:203.0.113.10:3478", "username": "u", "credential": "p"}]. Empty: none is contacted.',
+    )
+    ice_direct_timeout_s: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="Seconds an ICE path without a relay (direct or hole-punched) may take before the relay is tried.",
+    )
+    ice_timeout_s: float = Field(
+        default=10.0, gt=0, le=120, description="Seconds to set up one ICE path, relay included."
+    )
+
+    @field_validator("ice_servers", mode="before")
+    @classmethod
+    def _parse_ice_servers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_ice_servers(value)
+        return value
 
     @field_validator("lan_interfaces", mode="before")
     @classmethod
@@ -254,6 +283,14 @@ class WorkerSettings(ServerSettings):
     )
     record_refresh_s: float | None = Field(
         default=None, gt=0.0, le=600.0, description="Seconds between announcements. Unset: a third of the lifetime."
+    )
+    ice_max_sessions: int = Field(
+        default=32, ge=0, le=1024, description="ICE paths this worker holds open at once; further offers are refused."
+    )
+    reachability_check: bool = Field(
+        default=True,
+        description="Ask the bootstrap nodes to dial this worker back; the record lists its http:// URL only when one "
+        "of them could reach it (otherwise only its ice:// endpoint). Off: the URL is listed as it is.",
     )
     withdraw_grace_s: float = Field(
         default=0.3, ge=0.0, le=10.0, description="Time given to the withdrawal to leave before the DHT node stops."

@@ -121,12 +121,32 @@ def _check_str(body: dict[str, Any], name: str, limit: int, pattern: re.Pattern[
     return value
 
 
-def _check_endpoints(value: Any) -> tuple[str, ...]:
+ICE_SCHEME = "ice://"
+"""An endpoint ``ice://<peer id>``: reach this peer through ICE, its offers and answers carried by the DHT."""
+
+
+def ice_endpoint(peer_id: str) -> str:
+    return ICE_SCHEME + peer_id
+
+
+def is_ice_endpoint(url: str) -> bool:
+    return url.startswith(ICE_SCHEME)
+
+
+def _check_endpoints(value: Any, peer_id: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not 0 < len(value) <= MAX_ENDPOINTS:
         raise RecordRejected("bad_field", f"endpoints must be a list of 1 to {MAX_ENDPOINTS} URLs")
     for url in value:
+        if isinstance(url, str) and is_ice_endpoint(url):
+            if url != ice_endpoint(str(peer_id)):
+                raise RecordRejected("bad_field", f"endpoint {url[:60]!r} is not ice://<this record's peer id>")
+            continue
         if not isinstance(url, str) or len(url) > MAX_URL_CHARS or not url.startswith(("http://", "https://")):
-            raise RecordRejected("bad_field", f"endpoint {str(url)[:60]!r} is not an http(s) URL of at most 256 chars")
+            raise RecordRejected(
+                "bad_field", f"endpoint {str(url)[:60]!r} is not an http(s) URL of at most 256 chars or ice://<peer id>"
+            )
+    if len(set(value)) != len(value):
+        raise RecordRejected("bad_field", "endpoints repeat")
     return tuple(value)
 
 
@@ -145,7 +165,7 @@ def _parse_body(body: dict[str, Any]) -> PeerRecord:
     return PeerRecord(
         peer_id=PeerId(_check_str(body, "peer_id", 40, _HEX40)),
         public_key=_check_str(body, "public_key", 64),
-        endpoints=_check_endpoints(body["endpoints"]),
+        endpoints=_check_endpoints(body["endpoints"], body["peer_id"]),
         model=_check_str(body, "model", MAX_MODEL_CHARS),
         sha256=_check_str(body, "sha256", 64, _HEX64),
         tokens_per_s=_check_number(body, "tokens_per_s", MAX_TOKENS_PER_S),
