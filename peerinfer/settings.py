@@ -287,6 +287,12 @@ class WorkerSettings(ServerSettings):
     ice_max_sessions: int = Field(
         default=32, ge=0, le=1024, description="ICE paths this worker holds open at once; further offers are refused."
     )
+    ice_target: str | None = Field(
+        default=None,
+        max_length=300,
+        description="host:port where ICE paths reach this worker's own HTTP server. Unset: uvicorn's --host/--port "
+        "(127.0.0.1 for a wildcard host).",
+    )
     reachability_check: bool = Field(
         default=True,
         description="Ask the bootstrap nodes to dial this worker back; the record lists its http:// URL only when one "

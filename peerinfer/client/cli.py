@@ -9,6 +9,7 @@ from typing import TextIO
 
 from peerinfer.client.routed import RoutedClient, Switch
 from peerinfer.client.sdk import Message, PeerInferClient, StreamStats
+from peerinfer.client.tunnels import IceOptions
 from peerinfer.errors import ClientError, PeerInferError
 from peerinfer.settings import ClientSettings
 
@@ -71,6 +72,7 @@ def _routed(args: argparse.Namespace, settings: ClientSettings, err: TextIO) -> 
         discovery_timeout_s=args.discovery_timeout,
         choose_timeout_s=args.choose_timeout,
         on_switch=note,
+        ice=IceOptions.from_settings(settings),
     )
 
 

@@ -42,6 +42,7 @@ from peerinfer.client.routing import (
     choose_peer,
     choose_with_affinity,
     conversation_key,
+    endpoint_for,
     plan_choice,
     wave_interval_s,
 )
@@ -50,7 +51,7 @@ from peerinfer.client.vetting import vet_peer
 from peerinfer.errors import NoPeersError
 from peerinfer.network.discovery import Discovery, Lookup
 from peerinfer.network.identity import PeerId
-from peerinfer.network.records import PeerRecord
+from peerinfer.network.records import PeerRecord, is_ice_endpoint
 
 __all__ = [
     "PeerChunk",
@@ -144,6 +145,7 @@ class Router:
         self._vetting: dict[str, asyncio.Task[Probe]] = {}  # the probe in flight of each peer
         self._probed_at: dict[str, tuple[float, int]] = {}  # when each last probe passed, and streams open then
         self._serving: Counter[str] = Counter()  # streams this router has open to each peer
+        self._unreachable: dict[str, set[str]] = {}  # direct endpoints of each peer this router could not reach
 
     # --- discovery and choice -------------------------------------------------------------
 
@@ -173,9 +175,15 @@ class Router:
         if not task.cancelled() and task.exception() is not None:
             log.warning("a background lookup of peers failed (%s); the last one is used meanwhile", task.exception())
 
+    def endpoint(self, record: PeerRecord) -> str:
+        """The endpoint of ``record`` to use: direct first, ``ice://`` once the direct ones failed to connect."""
+        return endpoint_for(
+            record.endpoints, can_tunnel=self.http.can_tunnel, unreachable=self._unreachable.get(record.peer_id, ())
+        )
+
     def proven(self, record: PeerRecord) -> bool:
         """Whether this endpoint has signed a fresh nonce with the record's key before."""
-        return (record.peer_id, record.endpoints[0]) in self._verified
+        return (record.peer_id, self.endpoint(record)) in self._verified
 
     def fail(self, peer_id: str, reason: str) -> float:
         """Count a failure of the peer; returns how long it is banned for."""
@@ -213,32 +221,57 @@ class Router:
             task.exception()  # retrieved even when every waiter has gone: the verdict is kept
 
     async def _vet(self, record: PeerRecord, deadline: float) -> Probe:
+        endpoint = self.endpoint(record)
         try:
-            probe = await vet_peer(self.http, record, deadline=deadline, challenge=not self.proven(record))
+            if not self.http.is_open(endpoint):
+                # An ICE path takes its own set-up time (signalling, checks, perhaps the relay); the probe's
+                # time starts once it is open.
+                await self.http.prepare(endpoint)
+                deadline = max(deadline, time.monotonic() + self.options.probe_timeout_s)
+            probe = await vet_peer(
+                self.http, record, deadline=deadline, challenge=not self.proven(record), endpoint=endpoint
+            )
+        except PeerRejected as exc:
+            fallback = self._direct_failed(record, endpoint, exc)
+            if fallback is None:
+                return self._rejected(record, endpoint, exc)
+            return await self._vet(record, deadline)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # PeerRejected, or a bug: either way this peer is not used now
-            # Info, not warning: under a flood of fake records this is one line per fake.
-            reason = exc.reason if isinstance(exc, PeerRejected) else "error"
-            ban_s = self.fail(record.peer_id, str(exc))
-            self.failures[reason] += 1
-            log.log(
-                logging.INFO if reason != "error" else logging.WARNING,
-                "peer %s at %s failed its probe (%s); banned for %.0f s",
-                record.peer_id,
-                record.endpoints[0],
-                exc,
-                ban_s,
-                exc_info=reason == "error",  # not a peer's lie but a bug of ours: show where
-            )
-            if isinstance(exc, PeerRejected):
-                raise
-            raise PeerRejected("error", str(exc)) from exc
-        self._verified.add((record.peer_id, record.endpoints[0]))
+        except Exception as exc:  # a bug of ours: this peer is not used now, and the log shows where
+            return self._rejected(record, endpoint, exc)
+        self._verified.add((record.peer_id, endpoint))
         self.discovery.trusted.add(record.peer_id)
         self._probes[record.peer_id] = probe
         self._probed_at[record.peer_id] = (time.monotonic(), self._serving[record.peer_id])
         return probe
+
+    def _direct_failed(self, record: PeerRecord, endpoint: str, exc: PeerRejected) -> str | None:
+        """After a direct endpoint could not be reached, the record's next endpoint to try, if any."""
+        if exc.reason not in ("unreachable", "timeout") or is_ice_endpoint(endpoint):
+            return None
+        self._unreachable.setdefault(record.peer_id, set()).add(endpoint)
+        following = self.endpoint(record)
+        return following if following != endpoint else None
+
+    def _rejected(self, record: PeerRecord, endpoint: str, exc: Exception) -> Probe:
+        """Ban the peer for ``exc`` and raise it as a ``PeerRejected``."""
+        # Info, not warning: under a flood of fake records this is one line per fake.
+        reason = exc.reason if isinstance(exc, PeerRejected) else "error"
+        ban_s = self.fail(record.peer_id, str(exc))
+        self.failures[reason] += 1
+        log.log(
+            logging.INFO if reason != "error" else logging.WARNING,
+            "peer %s at %s failed its probe (%s); banned for %.0f s",
+            record.peer_id,
+            endpoint,
+            exc,
+            ban_s,
+            exc_info=reason == "error",  # not a peer's lie but a bug of ours: show where
+        )
+        if isinstance(exc, PeerRejected):
+            raise exc
+        raise PeerRejected("error", str(exc)) from exc
 
     def fresh_probe(self, peer_id: str, now: float) -> Probe | None:
         """The peer's last probe if it is younger than ``probe_fresh_s``, its free slots lowered by
@@ -288,6 +321,8 @@ class Router:
         if fresh:
             chosen = choose_with_affinity(fresh, prefer, self.rng, self.chooser)
             return records[chosen.peer_id], chosen
+        if any(not self.http.is_open(self.endpoint(record)) for record in queue[: options.probe_count]):
+            deadline += self.http.tunnels.timeout_s if self.http.tunnels is not None else 0.0
         state = ChoiceState(
             deadline=deadline,
             wave=options.probe_count + (wanted is not None),
@@ -367,7 +402,7 @@ class Router:
             views.append(
                 PeerView(
                     peer_id=record.peer_id,
-                    url=record.endpoints[0],
+                    url=self.endpoint(record),
                     model=record.model,
                     sha256=record.sha256,
                     verified=self.proven(record),
@@ -378,7 +413,7 @@ class Router:
                     tokens_per_s=self._speed.get(record.peer_id),
                     claimed_tokens_per_s=record.tokens_per_s,
                     age_s=round(record.age_s(now_wall), 1),
-                    path="direct",
+                    path=self.http.path(self.endpoint(record)) or "ice (not open)",
                     banned=self.bans.is_banned(record.peer_id, now),
                     last_failure=self._last_failure.get(record.peer_id),
                 )

@@ -34,6 +34,7 @@ from peerinfer.client.resume import chat_plan, completion_plan
 from peerinfer.client.routing import BanList, Probe, choose_peer
 from peerinfer.client.sdk import Message
 from peerinfer.client.transport import Transport, WorkerHttp
+from peerinfer.client.tunnels import IceOptions, ice_tunnels
 from peerinfer.network.discovery import Discovery
 from peerinfer.network.records import PeerRecord
 from peerinfer.network.sources import open_discovery
@@ -46,6 +47,8 @@ class RoutedClient:
 
     Peers are found through the DHT (``bootstrap``), the LAN (``lan``), both, or a ``discovery``
     given by the caller; ``transport`` replaces the network under every HTTP exchange in tests.
+    Workers that list ``ice://`` endpoints are reached through ICE (``ice``: which STUN/TURN servers,
+    how long to try; on by default with none listed) over the DHT node the client joins.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class RoutedClient:
         chooser: Chooser = choose_peer,
         on_switch: Callable[[Switch], None] | None = None,
         transport: Transport | None = None,
+        ice: IceOptions | None = None,
     ) -> None:
         self._opened = None
         description = "the given discovery"
@@ -96,8 +100,13 @@ class RoutedClient:
             probe_grace_s=probe_grace_s,
             lookup_ttl_s=lookup_ttl_s,
         )
+        signalling = self._opened.signalling if self._opened is not None else None
         http = WorkerHttp(
-            transport=transport, api_key=api_key, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
+            transport=transport,
+            api_key=api_key,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            tunnels=ice_tunnels(signalling, ice or IceOptions()),
         )
         self.router = Router(
             discovery,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peerinfer.network.identity import PeerId
-from peerinfer.network.records import PeerRecord
+from peerinfer.network.records import PeerRecord, is_ice_endpoint
 
 ASSUMED_ANSWER_TOKENS = 128
 """Length of a typical answer, used to turn a queue into seconds of waiting."""
@@ -248,3 +248,17 @@ def resume_messages(messages: Sequence[dict[str, Any]], partial: str, continuing
         history[-1]["content"] = history[-1].get("content", "") + partial
         return history
     return [*history, {"role": "assistant", "content": partial}]
+
+
+def endpoint_for(endpoints: Sequence[str], *, can_tunnel: bool, unreachable: Collection[str] = ()) -> str:
+    """Which of a record's endpoints to use: a direct http(s) URL first, ``ice://`` when none works.
+
+    ``unreachable`` holds the URLs this client could not connect to; an ``ice://`` endpoint is
+    used only by a client that can open one (``can_tunnel``). With nothing usable, the first.
+    """
+    direct = [url for url in endpoints if not is_ice_endpoint(url)]
+    ice = [url for url in endpoints if is_ice_endpoint(url)] if can_tunnel else []
+    for url in direct:
+        if url not in unreachable:
+            return url
+    return (ice or direct or list(endpoints))[0]

@@ -21,7 +21,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -30,6 +30,24 @@ from peerinfer.client.peer_http import HttpReply, PeerRejected
 from peerinfer.client.sse_parser import SSEError, SSEParser
 from peerinfer.client.stream_events import StreamChunk, read_chunk
 from peerinfer.errors import ClientError
+from peerinfer.network.records import is_ice_endpoint
+
+
+class Tunnels(Protocol):
+    """What opens ``ice://`` endpoints (``client.tunnels.IceEndpoints``): each becomes a loopback HTTP origin."""
+
+    timeout_s: float
+
+    async def origin(self, endpoint: str) -> str:
+        """The ``http://127.0.0.1:PORT`` that reaches ``endpoint``, opened now if needed; raises ``PeerRejected``."""
+        ...
+
+    def is_open(self, endpoint: str) -> bool: ...
+
+    def path(self, endpoint: str) -> str | None: ...
+
+    async def aclose(self) -> None: ...
+
 
 Transport = httpx.AsyncBaseTransport
 """What replaces the network under ``WorkerHttp`` in tests (``httpx.MockTransport``, ``httpx.ASGITransport``)."""
@@ -100,7 +118,9 @@ class WorkerHttp:
         connect_timeout_s: float = 3.0,
         read_timeout_s: float = 60.0,
         max_connections: int = 1024,
+        tunnels: Tunnels | None = None,
     ) -> None:
+        self.tunnels = tunnels
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -111,6 +131,34 @@ class WorkerHttp:
             trust_env=False,  # no proxy or netrc from the environment: a peer's address is used as it is
             follow_redirects=False,
         )
+
+    @property
+    def can_tunnel(self) -> bool:
+        """Whether ``ice://`` endpoints can be opened (a DHT node and ICE on)."""
+        return self.tunnels is not None
+
+    def is_open(self, url: str) -> bool:
+        """False for an ``ice://`` endpoint whose path is not open yet: using it costs the set-up first."""
+        return not is_ice_endpoint(url) or (self.tunnels is not None and self.tunnels.is_open(url))
+
+    def path(self, url: str) -> str | None:
+        """How ``url`` is reached: "direct" for http(s), the ICE path's kind, or None while none is open."""
+        if not is_ice_endpoint(url):
+            return "direct"
+        return self.tunnels.path(url) if self.tunnels is not None else None
+
+    async def prepare(self, url: str) -> None:
+        """Open the path to an ``ice://`` endpoint now, within the tunnels' own time limit; raises ``PeerRejected``."""
+        await self._origin(url)
+
+    async def _origin(self, url: str) -> str:
+        if not is_ice_endpoint(url):
+            return url
+        if self.tunnels is None:
+            raise PeerRejected(
+                "unreachable", f"{url[:60]} is an ICE endpoint; this client opens those only with a DHT node and ICE on"
+            )
+        return await self.tunnels.origin(url)
 
     async def exchange(
         self, url: str, method: str, path: str, *, deadline: float, max_bytes: int, body: bytes | None = None
@@ -143,10 +191,10 @@ class WorkerHttp:
         deadline: float,
         max_bytes: int,
     ) -> HttpReply:
-        target = _target(url, path)
         what = f"{method} {path}"
         try:
             async with asyncio.timeout_at(_loop_deadline(deadline)):
+                target = _target(await self._origin(url), path)
                 async with self._client.stream(method, target, content=content, headers=headers) as response:
                     data = await _read_capped(response, max_bytes, what)
                     return HttpReply(response.status_code, dict(response.headers), data)
@@ -166,7 +214,11 @@ class WorkerHttp:
         error object; a connection failure or a time-out has no status.
         """
         try:
-            target = _target(url, path)
+            origin = await self._origin(url)
+        except PeerRejected as exc:
+            raise ClientError(f"cannot open a path to the worker at {url}: {exc.detail}") from exc
+        try:
+            target = _target(origin, path)
         except PeerRejected as exc:
             raise ClientError(f"invalid worker URL {url[:60]!r}: it must be http:// or https:// and a host") from exc
         request = self._client.build_request(
@@ -191,6 +243,8 @@ class WorkerHttp:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self.tunnels is not None:
+            await self.tunnels.aclose()
 
 
 async def _refusal(response: httpx.Response, url: str) -> ClientError:

@@ -39,7 +39,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def read_health(reply: HttpReply, record: PeerRecord, rtt_s: float) -> Probe:
+def read_health(reply: HttpReply, record: PeerRecord, rtt_s: float, url: str | None = None) -> Probe:
     """The probe of a ``/health`` reply for the peer of ``record``; raises ``PeerRejected``. Pure."""
     if reply.status != 200:
         raise PeerRejected("unhealthy", f"/health answered {reply.status}")
@@ -53,7 +53,7 @@ def read_health(reply: HttpReply, record: PeerRecord, rtt_s: float) -> Probe:
         raise PeerRejected("unhealthy", f"/health says {report.status!r} without its slots")
     return Probe(
         peer_id=record.peer_id,
-        url=record.endpoints[0],
+        url=url or record.endpoints[0],
         rtt_s=rtt_s,
         slots_total=report.slots_total,
         slots_free=report.slots_free,
@@ -70,21 +70,32 @@ def read_challenge(reply: HttpReply, record: PeerRecord, nonce: bytes) -> None:
         raise PeerRejected("bad_challenge", "the endpoint cannot sign with the record's key")
 
 
-async def vet_peer(http: WorkerHttp, record: PeerRecord, *, deadline: float, challenge: bool) -> Probe:
-    """Probe ``/health`` and, if ``challenge``, check the nonce, all by ``deadline``; raises ``PeerRejected``."""
+async def vet_peer(
+    http: WorkerHttp, record: PeerRecord, *, deadline: float, challenge: bool, endpoint: str | None = None
+) -> Probe:
+    """Probe ``/health`` and, if ``challenge``, check the nonce, all by ``deadline``; raises ``PeerRejected``.
+
+    ``endpoint`` is the one of the record's endpoints to use (the first by default).
+    """
+    url = endpoint or record.endpoints[0]
     started = time.monotonic()
-    reply = await http.exchange(record.endpoints[0], "GET", "/health", deadline=deadline, max_bytes=MAX_HEALTH_BYTES)
-    probe = read_health(reply, record, time.monotonic() - started)
+    reply = await http.exchange(url, "GET", "/health", deadline=deadline, max_bytes=MAX_HEALTH_BYTES)
+    probe = read_health(reply, record, time.monotonic() - started, url)
     if challenge:
-        await prove_key(http, record, deadline=deadline)
+        await prove_key(http, record, deadline=deadline, endpoint=url)
     return probe
 
 
-async def prove_key(http: WorkerHttp, record: PeerRecord, *, deadline: float) -> None:
+async def prove_key(http: WorkerHttp, record: PeerRecord, *, deadline: float, endpoint: str | None = None) -> None:
     """Ask the endpoint to sign a fresh nonce by ``deadline``; raises ``PeerRejected`` unless it is the record's key."""
     nonce = secrets.token_bytes(32)
     body = json.dumps({"nonce": b64(nonce)}).encode()
     reply = await http.exchange(
-        record.endpoints[0], "POST", "/peer/challenge", deadline=deadline, max_bytes=MAX_CHALLENGE_BYTES, body=body
+        endpoint or record.endpoints[0],
+        "POST",
+        "/peer/challenge",
+        deadline=deadline,
+        max_bytes=MAX_CHALLENGE_BYTES,
+        body=body,
     )
     read_challenge(reply, record, nonce)

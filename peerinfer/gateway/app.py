@@ -33,6 +33,7 @@ from peerinfer.api.responses import ResponsesRequest, parse_responses_request
 from peerinfer.client.core import Router, RouterOptions
 from peerinfer.client.resume import CHAT_PATH, COMPLETIONS_PATH, chat_plan, completion_plan
 from peerinfer.client.transport import WorkerHttp
+from peerinfer.client.tunnels import IceOptions, ice_tunnels
 from peerinfer.errors import ClientError, ConfigError, NoPeersError, NotFoundError
 from peerinfer.gateway import responses as responses_api
 from peerinfer.gateway.limits import Admission
@@ -82,6 +83,7 @@ def build_router(settings: GatewaySettings, opened: OpenedDiscovery) -> Router:
         connect_timeout_s=settings.connect_timeout_s,
         read_timeout_s=settings.read_timeout_s,
         max_connections=max(64, settings.max_in_flight * 2),
+        tunnels=ice_tunnels(opened.signalling, IceOptions.from_settings(settings)),
     )
     options = RouterOptions(
         max_attempts=settings.max_attempts,

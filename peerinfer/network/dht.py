@@ -22,7 +22,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -86,6 +87,46 @@ class DhtNode:
         value = opendht.Value(data, VALUE_TYPE_ID)
         value.id = random.getrandbits(63) + 1
         self._runner.put(opendht.InfoHash.get(key), value, _ignore_done)
+
+    def listen(
+        self, key: str, on_value: Callable[[bytes], None], *, max_value_bytes: int = MAX_VALUE_BYTES
+    ) -> Listening:
+        """Call ``on_value`` (on OpenDHT's thread) with each value put under ``key`` from now on, and
+        with those already stored; ``Listening.cancel()`` stops it. A value longer than
+        ``max_value_bytes`` is cut to ``max_value_bytes + 1`` bytes (readers refuse it). Expiries are
+        not reported. ``on_value`` must return quickly and must not raise (what it raises is logged).
+        """
+        if self._closed:
+            raise NetworkError("the DHT node is stopped")
+        listening = Listening(self)
+
+        def on_change(value: Any, expired: bool) -> bool:
+            if listening.cancelled:
+                return False  # OpenDHT drops a listener whose callback says False
+            if not expired:
+                try:
+                    on_value(bytes(value.data)[: max_value_bytes + 1])
+                except Exception:
+                    log.exception("a DHT listener of %s raised; it keeps listening", key)
+            return True
+
+        with _LISTEN_LOCK:
+            listening.token = self._runner.listen(opendht.InfoHash.get(key), on_change)
+            # The binding keeps each listen's callbacks in one dict shared by every token (a class
+            # attribute), and cancelListen releases whatever that dict holds last: another listen's
+            # callbacks, freed while in use. So each listen's own entry is taken now and put back
+            # before its cancel, under one lock.
+            listening.callbacks = opendht.ListenToken._cb.get("cb")
+        return listening
+
+    def _cancel(self, listening: Listening) -> None:
+        if self._closed or listening.token is None:
+            return
+        with _LISTEN_LOCK:
+            opendht.ListenToken._cb["cb"] = listening.callbacks
+            self._runner.cancelListen(listening.token)
+        # A value already on its way may still reach the callbacks: they stay alive a while.
+        _CANCELLED.append(listening.callbacks)
 
     def get(
         self,
@@ -159,6 +200,25 @@ class DhtNode:
         self._runner.shutdown(stopped.set)
         stopped.wait(5)
         self._runner.join()
+
+
+_LISTEN_LOCK = threading.Lock()
+_CANCELLED: deque[Any] = deque(maxlen=4096)
+
+
+class Listening:
+    """A listen in progress; ``cancel()`` is idempotent and safe after the node stopped."""
+
+    def __init__(self, node: DhtNode) -> None:
+        self._node = node
+        self.token: Any = None
+        self.callbacks: Any = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._node._cancel(self)
 
 
 def _ignore_done(ok: bool, nodes: Any) -> None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from peerinfer.errors import ConfigError
 from peerinfer.network.addresses import dht_bind_host, parse_bootstrap
@@ -31,6 +31,19 @@ NO_SOURCE = (
 
 class ClosableStore(ValueStore, Protocol):
     def close(self) -> None: ...
+
+
+class Listening(Protocol):
+    def cancel(self) -> None: ...
+
+
+@runtime_checkable
+class Signalling(Protocol):
+    """A store that can also put and listen: a DHT node (``network.ice.Signalling``)."""
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def listen(self, key: str, on_value: Callable[[bytes], None]) -> Listening: ...
 
 
 class FoundValues(list[bytes]):
@@ -67,6 +80,11 @@ class OpenedDiscovery:
     description: str
     stores: list[ClosableStore] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def signalling(self) -> Signalling | None:
+        """The DHT node, which also carries ICE offers and answers; None with the LAN alone."""
+        return next((store for store in self.stores if isinstance(store, Signalling)), None)
 
     @property
     def rejected(self) -> Counter[str]:

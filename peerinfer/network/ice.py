@@ -1,0 +1,594 @@
+"""The one module that imports aiortc: ICE paths between clients and workers, with HTTP carried over them.
+
+A worker that cannot be reached directly lists ``ice://<peer id>`` in its record. A client opens
+such an endpoint with an ``IceDialer``: an offer on the DHT (``network.signalling``), the worker's
+signed answer, ICE connectivity checks (host, server-reflexive and, only as a last resort, relay
+candidates), then DTLS to the certificate the signed answer names, and SCTP data channels on top:
+the same stack as a browser's WebRTC data channel. The path is then an ``IceTunnel``: a TCP
+listener on the client's loopback whose every connection is one data channel, which the worker's
+``IceService`` joins to a TCP connection to its own HTTP server. HTTP, SSE, keep-alives and errors
+cross unchanged; only bytes are carried.
+
+Choices, each for a reason:
+
+- **Direct first, relay last.** aioice keeps the first pair that succeeds, which can be a relay
+  pair when a direct one also works. So a path is opened in two phases: without any relay
+  candidate (the worker is told not to gather them either) for ``direct_timeout_s``, and only then
+  with the relay. ``IceTunnel.path`` says what the checks found: ``direct`` (host to host),
+  ``hole-punched`` (a server-reflexive or peer-reflexive candidate), ``relayed`` (TURN).
+- **Only the listed servers.** aiortc asks a public STUN server when given none; here the
+  configuration is always explicit (``PEERINFER_ICE_SERVERS``), and a TURN server is also used as a
+  STUN server in the first phase (every TURN server answers binding requests).
+- **A heartbeat, not ICE consent, says a path is dead.** aioice gives up after 6 missed consent
+  checks 5 s apart; a worker killed with -9 would hold a client for 30 s. The client pings on a
+  control channel every ``HEARTBEAT_S`` and closes the tunnel, and with it every connection on it,
+  after ``DEAD_AFTER_S`` of silence, so the routed client fails over or resumes as after any cut.
+- **Bounded.** A worker holds at most ``max_sessions`` paths and sets up at most
+  ``MAX_STARTING`` at once; a channel buffers at most ``MAX_PENDING_BYTES`` its TCP side has not
+  taken; a session that stops pinging is closed after ``IDLE_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+from peerinfer.network.ice_config import IceServer
+from peerinfer.network.identity import PeerIdentity
+from peerinfer.network.signalling import (
+    Answer,
+    Offer,
+    SignalRejected,
+    check_sdp,
+    ice_answer_key,
+    ice_offer_key,
+    make_answer,
+    read_answer,
+    read_offer,
+)
+
+log = logging.getLogger(__name__)
+PathKind = Literal["direct", "hole-punched", "relayed"]
+CONTROL_LABEL = "peerinfer-ctl"
+HTTP_LABEL = "http"
+HEARTBEAT_S = 1.0
+DEAD_AFTER_S = 5.0
+IDLE_S = 20.0
+MAX_STARTING = 8
+MAX_PENDING_BYTES = 4 * 1024 * 1024
+HIGH_WATER_BYTES = 512 * 1024
+READ_BYTES = 16 * 1024
+MAX_SEEN_SESSIONS = 4096
+
+
+class Listening(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Signalling(Protocol):
+    """What ICE needs from the DHT: put a value, and listen under a key (callbacks on any thread)."""
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def listen(self, key: str, on_value: Callable[[bytes], None]) -> Listening: ...
+
+
+class IceFailed(Exception):
+    """No path could be opened; the message says what was tried. ``refused`` when the worker said no."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def rtc_configuration(servers: Sequence[IceServer], relay: bool) -> RTCConfiguration:
+    """aiortc's configuration for one phase: STUN (and TURN servers as STUN) always, TURN only if ``relay``."""
+    stun: list[str] = []
+    turn: list[RTCIceServer] = []
+    for server in servers:
+        for url in server.urls:
+            scheme, _, rest = url.partition(":")
+            if scheme == "stun":
+                stun.append(url)
+            elif scheme == "turn":
+                stun.append("stun:" + rest.split("?")[0])
+                if relay:
+                    turn.append(RTCIceServer(urls=url, username=server.username, credential=server.credential))
+            elif scheme == "turns" and relay:
+                turn.append(RTCIceServer(urls=url, username=server.username, credential=server.credential))
+    entries = ([RTCIceServer(urls=stun[0])] if stun else []) + turn[:1]
+    return RTCConfiguration(iceServers=entries)
+
+
+def has_relay(servers: Sequence[IceServer]) -> bool:
+    return any(server.is_turn for server in servers)
+
+
+def path_of(pc: RTCPeerConnection) -> PathKind | None:
+    """What the connectivity checks chose: host to host, through a reflexive candidate, or a relay."""
+    try:
+        connection = pc.sctp.transport.transport._connection  # type: ignore[union-attr]
+        pair = connection._nominated.get(1)
+        if pair is None:
+            return None
+        kinds = {pair.local_candidate.type, pair.remote_candidate.type}
+    except AttributeError:  # aiortc's internals moved: the path still works, its kind is unknown
+        return None
+    if "relay" in kinds:
+        return "relayed"
+    return "direct" if kinds == {"host"} else "hole-punched"
+
+
+def _lean_sdp(sdp: str) -> str:
+    """``sdp`` with only the sha-256 fingerprint (the others only make the DHT value longer)."""
+    lines = [
+        line for line in sdp.split("\r\n") if not line.startswith(("a=fingerprint:sha-384", "a=fingerprint:sha-512"))
+    ]
+    return "\r\n".join(lines)
+
+
+async def _opened(channel: RTCDataChannel) -> None:
+    if channel.readyState == "open":
+        return
+    opened = asyncio.Event()
+    channel.on("open", opened.set)
+    channel.on("close", opened.set)
+    await opened.wait()
+    if channel.readyState != "open":
+        raise IceFailed(f"the data channel {channel.label} closed before it opened")
+
+
+async def pipe(channel: RTCDataChannel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Carry bytes both ways between an open data channel and a TCP connection until either side ends."""
+    incoming: asyncio.Queue[bytes | None] = asyncio.Queue()
+    pending = 0
+
+    def on_message(message: bytes | str) -> None:
+        nonlocal pending
+        data = message if isinstance(message, bytes) else message.encode()
+        pending += len(data)
+        if pending > MAX_PENDING_BYTES:  # the far side sends faster than TCP takes: it is not HTTP
+            channel.close()
+            incoming.put_nowait(None)
+            return
+        incoming.put_nowait(data)
+
+    channel.on("message", on_message)
+    channel.on("close", lambda: incoming.put_nowait(None))
+    drained = asyncio.Event()
+    channel.bufferedAmountLowThreshold = HIGH_WATER_BYTES // 2
+    channel.on("bufferedamountlow", drained.set)
+
+    async def to_tcp() -> None:
+        nonlocal pending
+        while (data := await incoming.get()) is not None:
+            pending -= len(data)
+            writer.write(data)
+            await writer.drain()
+
+    async def to_channel() -> None:
+        while data := await reader.read(READ_BYTES):
+            if channel.readyState != "open":
+                return
+            channel.send(data)
+            if channel.bufferedAmount > HIGH_WATER_BYTES:
+                drained.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DEAD_AFTER_S * 2):
+                        await drained.wait()
+
+    tasks = [asyncio.create_task(to_tcp()), asyncio.create_task(to_channel())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        channel.close()
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+# --- the client side ---------------------------------------------------------------------------
+
+
+@dataclass
+class TunnelStats:
+    path: PathKind | None
+    setup_s: float
+    relay_tried: bool
+
+
+class IceTunnel:
+    """An open ICE path to one worker: ``base_url`` is a loopback HTTP origin that reaches it."""
+
+    def __init__(self, pc: RTCPeerConnection, control: RTCDataChannel, peer_id: str, stats: TunnelStats) -> None:
+        self.pc = pc
+        self.peer_id = peer_id
+        self.stats = stats
+        self.base_url = ""
+        self._control = control
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+        self._heard_at = time.monotonic()
+        self._closed = asyncio.Event()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._channels = 0
+
+    @property
+    def path(self) -> PathKind | None:
+        return self.stats.path
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed.is_set()
+
+    async def start(self) -> None:
+        self._control.on("message", self._heard)
+        self._control.on("close", lambda: self._close_soon("the worker closed the path"))
+        self.pc.on("connectionstatechange", self._state_changed)
+        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._heartbeat = asyncio.create_task(self._beat())
+
+    def _heard(self, message: bytes | str) -> None:
+        self._heard_at = time.monotonic()
+
+    def _state_changed(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self._close_soon(f"the ICE path is {self.pc.connectionState}")
+
+    def _close_soon(self, why: str) -> None:
+        if self.alive:
+            log.info("ICE path to peer %s closed: %s", self.peer_id, why)
+            asyncio.get_running_loop().create_task(self.close())
+
+    async def _beat(self) -> None:
+        while self.alive:
+            await asyncio.sleep(HEARTBEAT_S)
+            if time.monotonic() - self._heard_at > DEAD_AFTER_S:
+                self._close_soon(f"no heartbeat for {DEAD_AFTER_S:g} s")
+                return
+            if self._control.readyState == "open":
+                self._control.send("ping")
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.alive:
+            writer.close()
+            return
+        self._connections.add(writer)
+        try:
+            self._channels += 1
+            channel = self.pc.createDataChannel(f"{HTTP_LABEL}-{self._channels}")
+            async with asyncio.timeout(DEAD_AFTER_S * 2):
+                await _opened(channel)
+            await pipe(channel, reader, writer)
+        except Exception as exc:  # the path died under this connection: the HTTP client sees it reset
+            log.debug("a connection over the ICE path to %s ended: %s", self.peer_id, exc)
+            writer.close()
+        finally:
+            self._connections.discard(writer)
+
+    async def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._connections):  # their pipes end on EOF; cancelling them would log noise
+            writer.close()
+        if self._heartbeat is not None and self._heartbeat is not asyncio.current_task():
+            self._heartbeat.cancel()
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+
+
+class IceDialer:
+    """Opens and keeps ICE paths to workers, one per peer, shared by every request to it."""
+
+    def __init__(
+        self,
+        signalling: Signalling,
+        servers: Sequence[IceServer] = (),
+        *,
+        direct_timeout_s: float = 3.0,
+        timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.signalling = signalling
+        self.servers = tuple(servers)
+        self.direct_timeout_s = direct_timeout_s
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.rejected: Counter[str] = Counter()
+        self._tunnels: dict[str, IceTunnel] = {}
+        self._opening: dict[str, asyncio.Task[IceTunnel]] = {}
+        self._relay_said = False
+
+    def tunnel_of(self, peer_id: str) -> IceTunnel | None:
+        tunnel = self._tunnels.get(peer_id)
+        return tunnel if tunnel is not None and tunnel.alive else None
+
+    async def tunnel(self, peer_id: str) -> IceTunnel:
+        """The open path to ``peer_id``, opened now if there is none; raises ``IceFailed``."""
+        tunnel = self.tunnel_of(peer_id)
+        if tunnel is not None:
+            return tunnel
+        task = self._opening.get(peer_id)
+        if task is None:
+            task = asyncio.create_task(self._open(peer_id))
+            self._opening[peer_id] = task
+            task.add_done_callback(lambda done: self._opening.pop(peer_id, None))
+        return await asyncio.shield(task)
+
+    async def _open(self, peer_id: str) -> IceTunnel:
+        started = time.monotonic()
+        phases = [False, True] if has_relay(self.servers) else [False]
+        failures: list[str] = []
+        for relay in phases:
+            left = self.timeout_s - (time.monotonic() - started)
+            limit = left if relay else min(self.direct_timeout_s, left)
+            try:
+                async with asyncio.timeout(limit):
+                    pc, control = await self._attempt(peer_id, relay)
+            except TimeoutError:
+                failures.append(f"{'through the relay' if relay else 'without a relay'}: no path in {limit:.1f} s")
+                continue
+            except IceFailed as exc:
+                if exc.refused:
+                    raise
+                failures.append(f"{'through the relay' if relay else 'without a relay'}: {exc}")
+                continue
+            stats = TunnelStats(path_of(pc), time.monotonic() - started, relay)
+            tunnel = IceTunnel(pc, control, peer_id, stats)
+            await tunnel.start()
+            self._tunnels[peer_id] = tunnel
+            self._said(tunnel)
+            return tunnel
+        if not has_relay(self.servers):
+            failures.append("no TURN relay is listed in PEERINFER_ICE_SERVERS")
+        raise IceFailed(f"no ICE path to peer {peer_id}: " + "; ".join(failures))
+
+    def _said(self, tunnel: IceTunnel) -> None:
+        log.info("ICE path to peer %s: %s, open in %.2f s", tunnel.peer_id, tunnel.path, tunnel.stats.setup_s)
+        if tunnel.path == "relayed" and not self._relay_said:
+            self._relay_said = True
+            log.warning(
+                "peer %s is reached through a TURN relay: no direct or hole-punched path worked (the relay sees "
+                "only ciphertext; this is said once)",
+                tunnel.peer_id,
+            )
+
+    async def _attempt(self, peer_id: str, relay: bool) -> tuple[RTCPeerConnection, RTCDataChannel]:
+        loop = asyncio.get_running_loop()
+        pc = RTCPeerConnection(rtc_configuration(self.servers, relay))
+        listening: Listening | None = None
+        try:
+            control = pc.createDataChannel(CONTROL_LABEL)
+            await pc.setLocalDescription(await pc.createOffer())
+            sdp = _lean_sdp(pc.localDescription.sdp)
+            try:
+                check_sdp(sdp)
+            except SignalRejected as exc:
+                raise IceFailed(f"this machine's own offer is unusable ({exc})") from exc
+            offer = Offer(secrets.token_hex(16), sdp, relay, round(self.clock(), 3))
+            answers: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
+
+            def arrived(data: bytes) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                    loop.call_soon_threadsafe(_offer_nowait, answers, data)
+
+            listening = self.signalling.listen(ice_answer_key(offer.session), arrived)
+            self.signalling.put(ice_offer_key(peer_id), offer.encode())
+            answer = await self._answer(answers, offer, peer_id)
+            if answer.refused is not None:
+                raise IceFailed(f"peer {peer_id} refused the path: {answer.refused}", refused=True)
+            assert answer.sdp is not None
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
+            except Exception as exc:  # a signed answer aiortc cannot use is still only that peer's failure
+                raise IceFailed(f"peer {peer_id}'s answer is unusable: {type(exc).__name__}") from exc
+            await _opened(control)
+            return pc, control
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pc.close()
+            raise
+        finally:
+            if listening is not None:
+                listening.cancel()
+
+    async def _answer(self, answers: asyncio.Queue[bytes], offer: Offer, peer_id: str) -> Answer:
+        while True:
+            data = await answers.get()
+            try:
+                return read_answer(data, offer, peer_id, self.clock())
+            except SignalRejected as exc:  # anyone can put under the answer key: skip, keep waiting
+                self.rejected[exc.reason] += 1
+
+    async def aclose(self) -> None:
+        for task in list(self._opening.values()):
+            task.cancel()
+        await asyncio.gather(*(tunnel.close() for tunnel in self._tunnels.values()), return_exceptions=True)
+        self._tunnels.clear()
+
+
+def _offer_nowait(queue: asyncio.Queue[bytes], data: bytes) -> None:
+    with contextlib.suppress(asyncio.QueueFull):  # a flood of junk under our key: the honest answer may be lost
+        queue.put_nowait(data)
+
+
+# --- the worker side ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    pc: RTCPeerConnection
+    offer: Offer
+    pinged_at: float
+    path: PathKind | None = None
+
+
+class IceService:
+    """A worker's side of ICE: answers offers under its peer id and joins each channel to its HTTP server."""
+
+    def __init__(
+        self,
+        *,
+        identity: PeerIdentity,
+        signalling: Signalling,
+        target: tuple[str, int],
+        servers: Sequence[IceServer] = (),
+        max_sessions: int = 32,
+        timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.signalling = signalling
+        self.target = target
+        self.servers = tuple(servers)
+        self.max_sessions = max_sessions
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.rejected: Counter[str] = Counter()
+        self.opened: Counter[str] = Counter()  # paths that connected, by kind
+        self.sessions: dict[str, _Session] = {}
+        self._starting: set[asyncio.Task[None]] = set()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._listening: Listening | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._listening = self.signalling.listen(ice_offer_key(self.identity.peer_id), self._arrived)
+        self._watchdog = asyncio.create_task(self._watch())
+
+    def _arrived(self, data: bytes) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._offered, data)
+
+    def _offered(self, data: bytes) -> None:
+        try:
+            offer = read_offer(data, self.clock())
+        except SignalRejected as exc:
+            self.rejected[exc.reason] += 1
+            return
+        if offer.session in self._seen:  # listening also returns what is stored: old offers come again
+            return
+        self._seen[offer.session] = None
+        while len(self._seen) > MAX_SEEN_SESSIONS:
+            self._seen.popitem(last=False)
+        if len(self.sessions) + len(self._starting) >= self.max_sessions or len(self._starting) >= MAX_STARTING:
+            self.rejected["busy"] += 1
+            self._reply(offer, sdp=None, refused="busy: every ICE session of this worker is taken; try another peer")
+            return
+        task = asyncio.create_task(self._accept(offer))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    def _reply(self, offer: Offer, *, sdp: str | None, refused: str | None) -> None:
+        data = make_answer(offer, self.identity, self.clock(), sdp=sdp, refused=refused)
+        try:
+            self.signalling.put(ice_answer_key(offer.session), data)
+        except Exception as exc:
+            log.warning("ICE: could not put an answer on the DHT (%s)", exc)
+
+    async def _accept(self, offer: Offer) -> None:
+        pc = RTCPeerConnection(rtc_configuration(self.servers, offer.relay))
+        session = _Session(pc, offer, time.monotonic())
+        pc.on("datachannel", lambda channel: self._channel(session, channel))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+                await pc.setLocalDescription(await pc.createAnswer())
+                sdp = check_sdp(_lean_sdp(pc.localDescription.sdp))
+                self.sessions[offer.session] = session
+                self._reply(offer, sdp=sdp, refused=None)
+                while pc.connectionState not in ("connected", "failed", "closed"):
+                    changed = asyncio.Event()
+                    pc.once("connectionstatechange", changed.set)
+                    await changed.wait()
+            if pc.connectionState != "connected":
+                raise IceFailed(f"the path {pc.connectionState}")
+            session.path = path_of(pc)
+            self.opened[session.path or "unknown"] += 1
+            log.info("ICE: a client opened a %s path (session %s)", session.path, offer.session[:8])
+        except Exception as exc:  # a stranger's offer that leads nowhere ends here, whatever went wrong
+            reason = "timeout" if isinstance(exc, TimeoutError) else "failed"
+            self.rejected[reason] += 1
+            log.info("ICE: session %s did not connect (%s)", offer.session[:8], type(exc).__name__)
+            await self._end(offer.session, pc)
+
+    def _channel(self, session: _Session, channel: RTCDataChannel) -> None:
+        if channel.label == CONTROL_LABEL:
+
+            def on_ping(message: bytes | str) -> None:
+                session.pinged_at = time.monotonic()
+                if channel.readyState == "open":
+                    channel.send("pong")
+
+            channel.on("message", on_ping)
+            return
+        if not channel.label.startswith(HTTP_LABEL):
+            channel.close()
+            return
+        task = asyncio.create_task(self._join(channel))
+        self._pipes.add(task)
+        task.add_done_callback(self._pipes.discard)
+
+    async def _join(self, channel: RTCDataChannel) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                reader, writer = await asyncio.open_connection(*self.target)
+        except (OSError, TimeoutError) as exc:
+            log.warning("ICE: cannot reach this worker's own HTTP server at %s:%d (%s)", *self.target, exc)
+            channel.close()
+            return
+        await pipe(channel, reader, writer)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S * 2)
+            try:
+                now = time.monotonic()
+                for key, session in list(self.sessions.items()):
+                    gone = session.pc.connectionState in ("failed", "closed")
+                    if gone or now - session.pinged_at > IDLE_S:
+                        await self._end(key, session.pc)
+            except Exception:  # the watchdog serves every session: it logs and goes on
+                log.exception("ICE: the session watchdog failed once; it goes on")
+
+    async def _end(self, key: str, pc: RTCPeerConnection) -> None:
+        self.sessions.pop(key, None)
+        with contextlib.suppress(Exception):
+            await pc.close()
+
+    def paths(self) -> Counter[str]:
+        return Counter(session.path or "connecting" for session in self.sessions.values())
+
+    async def close(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for task in [*self._starting, *self._pipes]:
+            task.cancel()
+        await asyncio.gather(*(self._end(key, s.pc) for key, s in list(self.sessions.items())), return_exceptions=True)
+
+
+__all__ = ["IceDialer", "IceFailed", "IceService", "IceTunnel", "PathKind", "Signalling", "rtc_configuration"]

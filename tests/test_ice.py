@@ -1,0 +1,325 @@
+"""ICE paths on loopback, with real DHT nodes, real aiortc and real workers: what users and attackers see.
+
+A worker whose record lists an http:// URL that nobody can connect to, and its ``ice://`` endpoint,
+is reached by ``RoutedClient`` through ICE (offer and signed answer on the DHT, DTLS, data
+channels). The attackers' tests put forged answers and junk offers on the DHT, crowd a worker's
+ICE sessions, and kill a worker with -9 under an open path. The NAT cases are in
+``tests/test_nat_traversal.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from peerinfer.client.peer_http import PeerRejected
+from peerinfer.client.routed import RoutedClient
+from peerinfer.client.tunnels import IceEndpoints, IceOptions
+from peerinfer.engine.fake import FakeEngine
+from peerinfer.network.dht import DhtNode
+from peerinfer.network.ice import IceDialer, IceFailed, IceService
+from peerinfer.network.identity import PeerIdentity, load_or_create_identity
+from peerinfer.network.records import ice_endpoint
+from peerinfer.network.signalling import Offer, ice_answer_key, ice_offer_key, make_answer
+from tests.network_support import REPO, STORY, ThreadWorker, bootstrap_node, net_settings, network_id, story_responder
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on: the direct URL of a worker behind NAT, as far as a client can tell."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def net() -> int:
+    return network_id()
+
+
+@pytest.fixture
+def boot(net: int) -> Iterator[DhtNode]:
+    with bootstrap_node(net) as node:
+        yield node
+
+
+def _ice_worker(tmp_path: Path, boot: DhtNode, net: int, **overrides: object) -> ThreadWorker:
+    dead = f"http://127.0.0.1:{_closed_port()}"
+
+    def settings(url: str) -> object:
+        target = url.removeprefix("http://")
+        return net_settings(tmp_path / secrets.token_hex(4), boot, net, dead, ice_target=target, **overrides)
+
+    return ThreadWorker(FakeEngine(story_responder, slots=4), settings)  # type: ignore[arg-type]
+
+
+def test_a_worker_nobody_can_connect_to_answers_through_its_ice_endpoint(
+    tmp_path: Path, boot: DhtNode, net: int
+) -> None:
+    worker = _ice_worker(tmp_path, boot, net)
+    client = RoutedClient(f"127.0.0.1:{boot.port}", network_id=net, ice=IceOptions())
+    try:
+        stream = client.chat_stream([{"role": "user", "content": "Tell me the story."}], max_tokens=200)
+        text = "".join(stream)
+        assert text == STORY
+        views = {view.peer_id: view for view in client._loop.run(client.router.views())}
+        view = views[worker.peer_id]
+        assert view.url == ice_endpoint(worker.peer_id)
+        assert view.path == "direct"  # loopback: host candidates on both sides
+        assert view.verified
+        second = "".join(client.chat_stream([{"role": "user", "content": "Again."}], max_tokens=200))
+        assert second == STORY
+    finally:
+        client.close()
+        worker.stop()
+
+
+def test_ice_off_in_the_client_means_the_worker_is_reported_unreachable(
+    tmp_path: Path, boot: DhtNode, net: int
+) -> None:
+    worker = _ice_worker(tmp_path, boot, net)
+    client = RoutedClient(f"127.0.0.1:{boot.port}", network_id=net, ice=IceOptions(enabled=False), choose_timeout_s=2.0)
+    try:
+        with pytest.raises(Exception, match="no usable peer"):
+            "".join(client.chat_stream([{"role": "user", "content": "Hi"}], max_tokens=20))
+        assert client.router.failures["unreachable"] >= 1
+    finally:
+        client.close()
+        worker.stop()
+
+
+# --- the attackers ------------------------------------------------------------------------------
+
+
+async def _echo_server() -> tuple[asyncio.Server, int]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+async def _through(tunnel_url: str, payload: bytes) -> bytes:
+    host, port = tunnel_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(payload)
+    await writer.drain()
+    received = b""
+    async with asyncio.timeout(20):
+        while len(received) < len(payload):
+            received += await reader.read(65536)
+    writer.close()
+    return received
+
+
+def _node(boot: DhtNode, net: int) -> DhtNode:
+    return DhtNode(host="127.0.0.1", port=0, network_id=net, bootstrap=[("127.0.0.1", boot.port)])
+
+
+def test_forged_answers_are_skipped_and_the_signed_one_is_used(boot: DhtNode, net: int) -> None:
+    worker_node, client_node, forger_node = _node(boot, net), _node(boot, net), _node(boot, net)
+    identity, impostor = PeerIdentity.generate(), PeerIdentity.generate()
+
+    class Forging:
+        """The client's signalling, with an attacker who answers every offer first, signed by another key."""
+
+        def put(self, key: str, data: bytes) -> None:
+            if key.startswith(ice_offer_key("")[:-1]):
+                offer = json.loads(data)
+                forged = Offer(offer["session"], offer["sdp"], offer["relay"], offer["issued_at"])
+                forger_node.put(
+                    ice_answer_key(forged.session),
+                    make_answer(forged, impostor, time.time(), sdp=offer["sdp"], refused=None),
+                )
+                forger_node.put(ice_answer_key(forged.session), b"{" * 3000)
+            client_node.put(key, data)
+
+        def listen(self, key: str, on_value: object) -> object:
+            return client_node.listen(key, on_value)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[bytes, dict[str, int]]:
+        server, port = await _echo_server()
+        service = IceService(identity=identity, signalling=worker_node, target=("127.0.0.1", port))
+        service.start()
+        dialer = IceDialer(Forging())
+        try:
+            tunnel = await dialer.tunnel(identity.peer_id)
+            return await _through(tunnel.base_url, b"x" * 200_000), dict(dialer.rejected)
+        finally:
+            await dialer.aclose()
+            await service.close()
+            server.close()
+
+    try:
+        echoed, rejected = asyncio.run(scenario())
+    finally:
+        for node in (worker_node, client_node, forger_node):
+            node.close()
+    assert echoed == b"x" * 200_000
+    assert rejected.get("wrong_peer", 0) + rejected.get("bad_signature", 0) >= 1
+    assert rejected.get("malformed", 0) + rejected.get("too_large", 0) >= 1
+
+
+def test_with_only_forged_answers_the_path_fails_within_its_time_limit(boot: DhtNode, net: int) -> None:
+    client_node = _node(boot, net)
+    impostor, victim = PeerIdentity.generate(), PeerIdentity.generate()
+
+    class OnlyForgeries:
+        def put(self, key: str, data: bytes) -> None:
+            offer = json.loads(data)
+            forged = Offer(offer["session"], offer["sdp"], offer["relay"], offer["issued_at"])
+            client_node.put(
+                ice_answer_key(forged.session), make_answer(forged, impostor, time.time(), sdp=forged.sdp, refused=None)
+            )
+
+        def listen(self, key: str, on_value: object) -> object:
+            return client_node.listen(key, on_value)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        tunnels = IceEndpoints(OnlyForgeries(), direct_timeout_s=1.5, timeout_s=3.0)  # type: ignore[arg-type]
+        try:
+            await tunnels.origin(ice_endpoint(victim.peer_id))
+        finally:
+            await tunnels.aclose()
+
+    try:
+        with pytest.raises(PeerRejected) as caught:
+            asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        client_node.close()
+    assert caught.value.reason == "unreachable"
+    assert "no ICE path" in caught.value.detail
+
+
+def test_junk_offers_and_a_crowd_of_sessions_do_not_stop_an_honest_client(boot: DhtNode, net: int) -> None:
+    worker_node, client_node, crowd_node = _node(boot, net), _node(boot, net), _node(boot, net)
+    identity = PeerIdentity.generate()
+    key = ice_offer_key(identity.peer_id)
+
+    async def scenario() -> tuple[bytes, str, dict[str, int]]:
+        server, port = await _echo_server()
+        service = IceService(identity=identity, signalling=worker_node, target=("127.0.0.1", port), max_sessions=2)
+        service.start()
+        now = time.time()
+        junk = [
+            b"",
+            b"not json",
+            b"[" * 5000,
+            json.dumps({"kind": "ice-offer"}).encode(),
+            Offer("a" * 32, "v=0\r\n" + "a=candidate:x\r\n" * 40, False, now).encode(),  # too many candidates
+            Offer("b" * 32, "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n", False, now - 3600).encode(),  # stale: a replay
+            Offer("c" * 32, "v=0\r\n\x00\x01", False, now).encode(),
+        ]
+        for value in junk:
+            crowd_node.put(key, value)
+        honest = IceDialer(client_node, timeout_s=10.0)
+        try:
+            first = await honest.tunnel(identity.peer_id)
+            echoed = await _through(first.base_url, b"hello" * 1000)
+            # Two more clients take the worker's two sessions; a third is refused, signed, at once.
+            others = [IceDialer(_node(boot, net)) for _ in range(2)]
+            try:
+                await others[0].tunnel(identity.peer_id)
+                with pytest.raises(IceFailed) as refused:
+                    await others[1].tunnel(identity.peer_id)
+            finally:
+                for other in others:
+                    await other.aclose()
+                    other.signalling.close()  # type: ignore[attr-defined]
+            return echoed, str(refused.value), dict(service.rejected)
+        finally:
+            await honest.aclose()
+            await service.close()
+            server.close()
+
+    try:
+        echoed, refusal, rejected = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        for node in (worker_node, client_node, crowd_node):
+            node.close()
+    assert echoed == b"hello" * 1000
+    assert "busy" in refusal
+    assert rejected.get("malformed", 0) + rejected.get("too_large", 0) >= 3
+    assert rejected.get("bad_sdp", 0) >= 2
+    assert rejected.get("stale", 0) >= 1
+    assert rejected.get("busy", 0) >= 1
+
+
+def test_a_worker_killed_under_an_open_path_cuts_its_streams_within_the_heartbeat(
+    tmp_path: Path, boot: DhtNode, net: int
+) -> None:
+    """Kill -9 leaves no goodbye: the client's heartbeat closes the path, and a stream on it ends in an error."""
+    home = tmp_path / "worker"
+    identity = load_or_create_identity(home)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.test_ice", "serve", str(home), str(boot.port), str(net)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    client_node = _node(boot, net)
+
+    async def scenario() -> tuple[bytes, str]:
+        dialer = IceDialer(client_node)
+        try:
+            tunnel = await dialer.tunnel(identity.peer_id)
+            host, port = tunnel.base_url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"ping")
+            first = await asyncio.wait_for(reader.read(100), 20)
+            process.kill()
+            async with asyncio.timeout(30):
+                rest = await reader.read(100)  # EOF once the heartbeat gives up
+            writer.close()
+            return first + rest, "closed" if not tunnel.alive else "open"
+        finally:
+            await dialer.aclose()
+
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+        received, state = asyncio.run(scenario())
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+        client_node.close()
+    assert received == b"ping"
+    assert state == "closed"
+
+
+def _serve(home: str, boot_port: int, net: int) -> None:
+    """A worker's ICE side alone (an echo server behind it), for the kill -9 test."""
+
+    async def main() -> None:
+        node = DhtNode(host="127.0.0.1", port=0, network_id=net, bootstrap=[("127.0.0.1", boot_port)])
+        server, port = await _echo_server()
+        service = IceService(
+            identity=load_or_create_identity(Path(home)),
+            signalling=node,
+            target=("127.0.0.1", port),
+        )
+        service.start()
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__" and sys.argv[1] == "serve":
+    _serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
