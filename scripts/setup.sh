@@ -127,5 +127,13 @@ if [ ! -f "$head_library" ] || [ "$head_source" -nt "$head_library" ]; then
 fi
 if [ "$want_dev" = 1 ]; then
   "${pip[@]}" install -r requirements-dev.txt
-  bash scripts/install_browser.sh # Debian's chromium for the web page's tests; never fails the setup
+  bash scripts/install_system.sh # Debian packages for the browser, namespace and NAT tests; never fails
+  nfqueue_pin=$(sed -n 's/^netfilterqueue==\([^ ;]*\).*/\1/p' requirements-netfilterqueue.txt)
+  if ! .venv/bin/python -c "import sys, netfilterqueue; sys.exit(netfilterqueue.__version__ != '$nfqueue_pin')" 2>/dev/null; then
+    nfqueue_log="${TMPDIR:-/tmp}/peerinfer-netfilterqueue.log"
+    if ! "${pip[@]}" install -r requirements-netfilterqueue.txt >"$nfqueue_log" 2>&1; then
+      echo "setup: could not install netfilterqueue $nfqueue_pin (see $nfqueue_log; it needs" \
+        "libnetfilter-queue-dev); the link shaper's tests will be skipped" >&2
+    fi
+  fi
 fi

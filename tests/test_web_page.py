@@ -181,7 +181,7 @@ def test_the_gateway_table_lists_verified_working_peers_first() -> None:
     assert (rows[0].slots_busy, rows[0].path) == (4, "relayed")
 
 
-# --- scripts/install_browser.sh (called by setup.sh --dev) ------------------------------------
+# --- scripts/install_system.sh (called by setup.sh --dev) -------------------------------------
 
 
 def stub(directory: Path, name: str, script: str) -> None:
@@ -199,7 +199,7 @@ def run_installer(tmp_path: Path, uid: str, apt: str | None) -> tuple[subprocess
         stub(bin_dir, "apt-get", f'echo "$*" >> {calls}\n{apt}\n')
     env = {"PATH": str(bin_dir), "PEERINFER_CHROMIUM": str(tmp_path / "no-chromium"), "TMPDIR": str(tmp_path)}
     result = subprocess.run(
-        ["/bin/bash", str(REPO / "scripts" / "install_browser.sh")],
+        ["/bin/bash", str(REPO / "scripts" / "install_system.sh")],
         env=env,
         capture_output=True,
         text=True,
@@ -234,7 +234,7 @@ def test_setup_never_fails_for_the_browser_and_says_the_tests_will_skip(
 ) -> None:
     result, calls = run_installer(tmp_path, uid, apt)
     assert result.returncode == 0
-    assert "browser tests will be skipped" in result.stderr
+    assert "the browser, namespace and NAT lab tests will be skipped" in result.stderr
     if uid != "0":
         assert calls == ""  # never tries apt without root
 
