@@ -88,7 +88,16 @@ def test_the_rendered_config_has_credentials_limits_and_safe_defaults() -> None:
 
 def test_every_non_public_range_is_denied_in_coturns_own_range_form() -> None:
     denied = [line.removeprefix("denied-peer-ip=") for line in lines(RelayConfig()) if line.startswith("denied-")]
-    assert denied == [coturn_range(ipaddress.ip_network(net)) for net, _ in DENIED_PEER_RANGES]
+    assert denied == [
+        coturn_range(net) for net in map(ipaddress.ip_network, dict(DENIED_PEER_RANGES)) if net.version == 4
+    ]
+    six = RelayConfig(relay_ips=("2001:db8::1",), external_ip="2001:db8::1")
+    denied6 = [line.removeprefix("denied-peer-ip=") for line in lines(six) if line.startswith("denied-")]
+    assert denied6 == [
+        coturn_range(net) for net in map(ipaddress.ip_network, dict(DENIED_PEER_RANGES)) if net.version == 6
+    ]
+    with pytest.raises(ConfigError, match="one relay per family"):
+        render_turnserver_conf(RelayConfig(relay_ips=("203.0.113.1", "2001:db8::1"), external_ip="203.0.113.1"))
     assert not [rule for rule in denied if "/" in rule]  # coturn 4.6 ignores CIDR rules
     covered = [ipaddress.ip_network(net) for net, _ in DENIED_PEER_RANGES]
     for address in [
@@ -549,5 +558,35 @@ def test_a_relay_in_a_namespace_relays_only_into_the_allowed_lab_range(tmp_path:
             assert json.loads(done.stdout.splitlines()[-1]) == {"relayed": "10.77.0.1", "denied": 403}
             out, _ = receiver.communicate(timeout=DEADLINE_S * 2)
             assert out.strip() == "hello from the lab 10.77.0.1"  # it came from the relay, not the client
+        finally:
+            server.stop()
+
+
+def test_a_relay_with_no_allowed_ranges_relays_to_a_public_address(tmp_path: Path) -> None:
+    """The deny list must not catch public IPv4 peers: coturn matches IPv4 peers against IPv6 ranges
+    such as ::/96 too, and such a rule once made the relay refuse every IPv4 peer."""
+    from tests.netns_lab import NetnsLab, unavailable
+
+    reason = turn_server.unavailable() or unavailable()
+    if reason:
+        pytest.skip(reason)
+    with NetnsLab() as lab:  # public addresses, but only between the lab's own namespaces
+        lan = lab.bridge("lan")
+        relay_host = lab.host("relay", lan, "11.0.0.1/24")
+        client = lab.host("client", lan, "11.0.0.2/24")
+        peer = lab.host("peer", lan, "11.0.0.3/24")
+        config = RelayConfig(listening_ips=("11.0.0.1",), relay_ips=("11.0.0.1",), password=PASSWORD)
+        server = TurnServer.start(config, popen=relay_host, workdir=tmp_path)
+        try:
+            receiver = peer.popen(
+                [sys.executable, "-c", RECEIVER, "11.0.0.3", "5000", str(DEADLINE_S)], stdout=subprocess.PIPE
+            )
+            assert receiver.stdout is not None and receiver.stdout.readline().strip() == "ready"
+            argv = [sys.executable, "-c", LAB_CLIENT, "11.0.0.1", str(config.port), config.username, PASSWORD]
+            done = client.run([*argv, "11.0.0.3", "5000", "10.99.0.1"], DEADLINE_S * 2, env={**os.environ})
+            assert done.returncode == 0, done.stderr[-2000:] + server.log()[-2000:]
+            assert json.loads(done.stdout.splitlines()[-1]) == {"relayed": "11.0.0.1", "denied": 403}
+            out, _ = receiver.communicate(timeout=DEADLINE_S * 2)
+            assert out.strip() == "hello from the lab 11.0.0.1", server.log()[-3000:]
         finally:
             server.stop()

@@ -42,7 +42,8 @@ DENIED_PEER_RANGES: tuple[tuple[str, str], ...] = (
     ("203.0.113.0/24", "documentation (TEST-NET-3), not routed"),
     ("224.0.0.0/4", "multicast"),
     ("240.0.0.0/4", "reserved, and 255.255.255.255 broadcast"),
-    ("::/96", "unspecified, loopback (::1) and IPv4-compatible addresses"),
+    # Not ::/96: coturn 4.6 matches IPv4 peers against that range too, so it refused every IPv4 peer.
+    ("::/127", "the unspecified address :: and loopback ::1"),
     ("::ffff:0:0/96", "IPv4-mapped: ::ffff:10.0.0.1 would bypass the IPv4 rules"),
     ("64:ff9b::/96", "NAT64: a NAT64 gateway would carry it to the embedded IPv4 address"),
     ("64:ff9b:1::/48", "local-use NAT64"),
@@ -324,7 +325,7 @@ def render_turnserver_conf(config: RelayConfig) -> str:
         "",
         "# peers the relay never sends to: every range that is not on the public internet",
     ]
-    lines += [f"denied-peer-ip={coturn_range(ipaddress.ip_network(net))}" for net, _ in DENIED_PEER_RANGES]
+    lines += [f"denied-peer-ip={coturn_range(net)}" for net in denied_ranges(config)]
     allowed = [ipaddress.ip_network(net) for net in config.allow_peer_ranges]
     if allowed:
         lines += ["", "# LAB ONLY: re-opened ranges (an allowed address wins over a denied one)"]
@@ -333,6 +334,30 @@ def render_turnserver_conf(config: RelayConfig) -> str:
             lines.append("allow-loopback-peers")
     lines += ["", "log-file=stdout", "simple-log", ""]
     return "\n".join(lines)
+
+
+def relayed_families(config: RelayConfig) -> set[int]:
+    """The IP versions the relay relays: its relay IPs', else its public and listening addresses', else IPv4."""
+    named = list(config.relay_ips) or [ip for ip in (config.external_ip, *config.listening_ips) if ip is not None]
+    families = {ipaddress.ip_address(ip).version for ip in named if not ipaddress.ip_address(ip).is_unspecified}
+    return families or {4}
+
+
+def denied_ranges(config: RelayConfig) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The ``DENIED_PEER_RANGES`` of the relayed family.
+
+    coturn 4.6.1 matches an IPv4 peer against IPv6 ranges too (measured: 11.0.0.3 was refused as
+    "in the range ::-::1"), so a relay with IPv6 rules refuses every IPv4 peer. One relay therefore
+    relays one family, and gets that family's rules only.
+    """
+    families = relayed_families(config)
+    if len(families) > 1:
+        raise ConfigError(
+            "this relay would relay IPv4 and IPv6; coturn 4.6 checks IPv4 peers against IPv6 deny rules and then "
+            "refuses them all, so run one relay per family: give --relay-ip addresses of one family"
+        )
+    networks = [ipaddress.ip_network(net) for net, _ in DENIED_PEER_RANGES]
+    return [net for net in networks if net.version in families]
 
 
 def ice_servers(config: RelayConfig) -> list[dict[str, Any]]:
