@@ -49,8 +49,7 @@ from peerinfer.network.signalling import (
     Offer,
     SignalRejected,
     check_sdp,
-    ice_answer_key,
-    ice_offer_key,
+    ice_key,
     make_answer,
     read_answer,
     read_offer,
@@ -375,8 +374,10 @@ class IceDialer:
         pc = RTCPeerConnection(rtc_configuration(self.servers, relay))
         listening: Listening | None = None
         try:
+            began = time.monotonic()
             control = pc.createDataChannel(CONTROL_LABEL)
             await pc.setLocalDescription(await pc.createOffer())
+            gathered = time.monotonic()
             sdp = _lean_sdp(pc.localDescription.sdp)
             try:
                 check_sdp(sdp)
@@ -389,9 +390,10 @@ class IceDialer:
                 with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
                     loop.call_soon_threadsafe(_offer_nowait, answers, data)
 
-            listening = self.signalling.listen(ice_answer_key(offer.session), arrived)
-            self.signalling.put(ice_offer_key(peer_id), offer.encode())
+            listening = self.signalling.listen(ice_key(peer_id), arrived)
+            self.signalling.put(ice_key(peer_id), offer.encode())
             answer = await self._answer(answers, offer, peer_id)
+            answered = time.monotonic()
             if answer.refused is not None:
                 raise IceFailed(f"peer {peer_id} refused the path: {answer.refused}", refused=True)
             assert answer.sdp is not None
@@ -400,6 +402,14 @@ class IceDialer:
             except Exception as exc:  # a signed answer aiortc cannot use is still only that peer's failure
                 raise IceFailed(f"peer {peer_id}'s answer is unusable: {type(exc).__name__}") from exc
             await _opened(control)
+            log.debug(
+                "ICE to %s (relay %s): gathered in %.2f s, answered %.2f s later, open %.2f s after that",
+                peer_id,
+                relay,
+                gathered - began,
+                answered - gathered,
+                time.monotonic() - answered,
+            )
             return pc, control
         except BaseException:
             with contextlib.suppress(Exception):
@@ -414,8 +424,9 @@ class IceDialer:
             data = await answers.get()
             try:
                 return read_answer(data, offer, peer_id, self.clock())
-            except SignalRejected as exc:  # anyone can put under the answer key: skip, keep waiting
-                self.rejected[exc.reason] += 1
+            except SignalRejected as exc:  # anyone can put under the key: skip, keep waiting
+                if exc.reason not in ("not_answer", "not_ours"):  # other clients' offers and answers
+                    self.rejected[exc.reason] += 1
 
     async def aclose(self) -> None:
         for task in list(self._opening.values()):
@@ -473,7 +484,7 @@ class IceService:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._listening = self.signalling.listen(ice_offer_key(self.identity.peer_id), self._arrived)
+        self._listening = self.signalling.listen(ice_key(self.identity.peer_id), self._arrived)
         self._watchdog = asyncio.create_task(self._watch())
 
     def _arrived(self, data: bytes) -> None:
@@ -486,7 +497,8 @@ class IceService:
         try:
             offer = read_offer(data, self.clock())
         except SignalRejected as exc:
-            self.rejected[exc.reason] += 1
+            if exc.reason != "not_offer":  # this worker's own answers come back on the key it listens to
+                self.rejected[exc.reason] += 1
             return
         if offer.session in self._seen:  # listening also returns what is stored: old offers come again
             return
@@ -504,7 +516,7 @@ class IceService:
     def _reply(self, offer: Offer, *, sdp: str | None, refused: str | None) -> None:
         data = make_answer(offer, self.identity, self.clock(), sdp=sdp, refused=refused)
         try:
-            self.signalling.put(ice_answer_key(offer.session), data)
+            self.signalling.put(ice_key(self.identity.peer_id), data)
         except Exception as exc:
             log.warning("ICE: could not put an answer on the DHT (%s)", exc)
 
