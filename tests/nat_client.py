@@ -71,7 +71,7 @@ async def raw(args: argparse.Namespace, settings: ClientSettings) -> dict[str, o
             {"messages": [{"role": "user", "content": args.prompt}], "stream": True, "max_tokens": args.max_tokens}
         ).encode()
         writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         await writer.drain()
@@ -87,7 +87,11 @@ async def raw(args: argparse.Namespace, settings: ClientSettings) -> dict[str, o
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.DEBUG if "PEERINFER_TEST_DEBUG" in __import__("os").environ else logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if "PEERINFER_TEST_DEBUG" in __import__("os").environ else logging.INFO,
+        stream=sys.stderr,
+        format="%(name)s %(levelname)s %(message)s",
+    )
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="mode", required=True)
     one = sub.add_parser("chat")

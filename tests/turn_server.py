@@ -125,10 +125,12 @@ class TurnServer:
         workdir: Path,
         popen: Popen | HasPopen | None = None,
         timeout_s: float = START_TIMEOUT_S,
+        extra_lines: Sequence[str] = (),
     ) -> TurnServer:
         """Write the configuration to ``workdir``, start coturn, return once it answers a STUN Binding request.
 
         ``popen`` starts processes: ``subprocess.Popen`` by default, or a lab ``Host`` (its ``popen``).
+        ``extra_lines`` are appended to the configuration (``stun-only`` makes a plain STUN server).
         """
         run: Callable[..., subprocess.Popen[str]]
         if popen is None:
@@ -140,6 +142,7 @@ class TurnServer:
         workdir.mkdir(parents=True, exist_ok=True)
         conf_path = workdir / "turnserver.conf"
         text = render_turnserver_conf(config) + f"pidfile={workdir / 'turnserver.pid'}\nuserdb={workdir / 'turndb'}\n"
+        text += "".join(f"{line}\n" for line in extra_lines)
         descriptor = os.open(conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as file:
             file.write(text)
