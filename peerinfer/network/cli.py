@@ -18,6 +18,7 @@ from peerinfer.client.vetting import prove_key, vet_peer
 from peerinfer.errors import PeerInferError
 from peerinfer.gateway.cli import add_gateway_parser, run_gateway
 from peerinfer.network.dht import DhtNode
+from peerinfer.network.dialback_server import DialbackServer
 from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, model_key
 from peerinfer.network.sources import open_discovery
 from peerinfer.settings import ClientSettings
@@ -27,8 +28,15 @@ def build_parser(settings: ClientSettings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python3 -m peerinfer", description="peerinfer network tools")
     commands = parser.add_subparsers(dest="command", required=True)
     boot = commands.add_parser("bootstrap", help="run a stand-alone DHT bootstrap node until interrupted")
-    boot.add_argument("--port", type=int, default=4222, help="UDP port (default: %(default)s)")
+    boot.add_argument(
+        "--port", type=int, default=4222, help="UDP port, and the dial-back's TCP port (default: %(default)s)"
+    )
     boot.add_argument("--host", default=settings.dht_host or "0.0.0.0", help="address to bind (default: %(default)s)")
+    boot.add_argument(
+        "--no-dialback",
+        action="store_true",
+        help="do not serve POST /peer/dialback on TCP (workers then cannot learn here whether they are reachable)",
+    )
     peers = commands.add_parser("peers", help="list the verified peers on the network")
     peers.add_argument(
         "--bootstrap", default=settings.bootstrap, help="host:port of a DHT node (default: $PEERINFER_BOOTSTRAP)"
@@ -52,15 +60,33 @@ def build_parser(settings: ClientSettings) -> argparse.ArgumentParser:
 
 def run_bootstrap(args: argparse.Namespace, err: TextIO) -> int:
     node = DhtNode(host=args.host, port=args.port, network_id=args.network_id)
-    print(f"bootstrap node on udp {args.host}:{node.port} (network {args.network_id:#x}); Ctrl-C stops it", file=err)
+    dialback = None if args.no_dialback else _start_dialback(args.host, node.port, err)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM):  # before the line that says it runs: a script may stop it then
         signal.signal(signum, lambda *_: stop.set())
+    print(f"bootstrap node on udp {args.host}:{node.port} (network {args.network_id:#x}); Ctrl-C stops it", file=err)
     try:
         stop.wait()
     finally:
+        if dialback is not None:
+            dialback.stop()
         node.close()
     return 0
+
+
+def _start_dialback(host: str, port: int, err: TextIO) -> DialbackServer | None:
+    """The dial-back service on TCP ``host:port``; without it (port taken) the node still serves the DHT."""
+    try:
+        server = DialbackServer.listen(host, port)
+    except OSError as exc:
+        print(
+            f"warning: cannot serve the dial-back on tcp {host}:{port} ({exc.strerror or exc}); workers will not "
+            "learn here whether they are reachable. Free that TCP port, or pass --no-dialback",
+            file=err,
+        )
+        return None
+    print(f"dial-back service on tcp {host}:{port} (POST /peer/dialback)", file=err)
+    return server
 
 
 @dataclass(frozen=True)

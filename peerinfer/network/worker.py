@@ -7,6 +7,11 @@ same record in its mDNS service on the LAN (``network.lan``); each record lives
 ``record_lifetime_s``, so a worker killed with -9 drops out by itself. A graceful stop announces a
 signed withdrawal on both. It also answers ``POST /peer/challenge`` by signing the client's
 nonce, and logs an error when another live process announces its peer id on the DHT.
+
+With the DHT on, the record's endpoints come from ``network.dialback``: before the first
+announcement (and every ``RECHECK_S`` after) the worker asks its bootstrap nodes to dial it back,
+and lists the URL they reached it at, or only ``ice://<peer id>`` when none could. An operator's
+``PEERINFER_ANNOUNCE_URL`` is listed as it is; the dial-back then only logs what it found.
 """
 
 from __future__ import annotations
@@ -27,10 +32,22 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from peerinfer.api.openai import parse_request
+from peerinfer.client.transport import WorkerHttp
 from peerinfer.engine.base import Engine, Finished, Generation, SamplingParams, TextDelta
 from peerinfer.errors import OverloadedError, PeerInferError, RequestError
 from peerinfer.network.addresses import dht_bind_host, guess_announce_url, is_loopback, parse_bootstrap
 from peerinfer.network.dht import DhtNode
+from peerinfer.network.dialback import (
+    ASK_TIMEOUT_S,
+    RECHECK_S,
+    DialbackResult,
+    ask_dialback,
+    dialback_port,
+    endpoints_for,
+    reachability_line,
+    verdict,
+    wait_listening,
+)
 from peerinfer.network.identity import PeerIdentity, b64, load_or_create_identity, unb64
 from peerinfer.network.records import (
     DIRECTORY_KEY,
@@ -48,10 +65,15 @@ from peerinfer.server.openapi import errors
 from peerinfer.settings import WorkerSettings
 
 if TYPE_CHECKING:
+    from peerinfer.network.ice import IceService
     from peerinfer.network.lan import LanAnnouncer
 
 log = logging.getLogger(__name__)
 CALIBRATION_TOKENS = 16
+MAX_BOOTSTRAPS_ASKED = 8
+"""Bootstrap nodes asked for a dial-back, the first of PEERINFER_BOOTSTRAP; one that answers is enough."""
+LISTEN_WAIT_S = 5.0
+"""How long the first dial-back waits for this worker's own server to accept connections."""
 
 
 def _this_host(lan: bool = False) -> str:
@@ -94,12 +116,20 @@ class WorkerNetwork:
     def __init__(self, settings: WorkerSettings, argv: list[str] | None = None) -> None:
         self.settings = settings
         self.bootstrap = parse_bootstrap(settings.bootstrap)
-        self.announce_url = settings.announce_url or guess_announce_url(
-            argv if argv is not None else sys.argv, _this_host(settings.lan)
-        )
+        argv = argv if argv is not None else sys.argv
+        self.guessed_url = guess_announce_url(argv, _this_host(settings.lan))
+        self.local_url = guess_announce_url(argv, "127.0.0.1")  # where this machine reaches the server
+        self.announce_url = settings.announce_url or self.guessed_url
+        self.endpoints: tuple[str, ...] = (self.announce_url,)
+        self.dialback: list[DialbackResult] = []  # the last round's answers, one per bootstrap asked
+        self._http: WorkerHttp | None = None
+        self._checked_at = float("-inf")
+        self._check_task: asyncio.Task[None] | None = None
+        self._logged: tuple[str, tuple[str, ...]] | None = None
         self.instance = secrets.token_hex(8)
         self.identity: PeerIdentity | None = None
         self.node: DhtNode | None = None
+        self.ice: IceService | None = None
         self.lan: LanAnnouncer | None = None
         self.tokens_per_s = 0.0
         self.started_at = 0.0
@@ -116,6 +146,48 @@ class WorkerNetwork:
             self._start_lan(self.identity.peer_id)
         if self.settings.dht_enabled:
             self._start_dht(self.identity.peer_id)
+        if self.ice_on:
+            self._start_ice(self.identity)
+        self.endpoints = endpoints_for(
+            self.guessed_url, self.settings.announce_url, [], self.ice_on, self.identity.peer_id
+        )
+
+    def _start_ice(self, identity: PeerIdentity) -> None:
+        from peerinfer.network.ice import IceService  # aiortc loads only for a worker on the DHT
+
+        assert self.node is not None
+        target = parse_bootstrap(self.settings.ice_target)[0] if self.settings.ice_target else None
+        local = urlsplit(self.local_url)
+        self.ice = IceService(
+            identity=identity,
+            signalling=self.node,
+            target=target or (local.hostname or "127.0.0.1", local.port or 8000),
+            servers=self.settings.ice_servers,
+            max_sessions=self.settings.ice_max_sessions,
+            timeout_s=self.settings.ice_timeout_s,
+        )
+        self.ice.start()
+        relays = sum(server.is_turn for server in self.settings.ice_servers)
+        log.info(
+            "peer %s: answering ICE offers on the DHT (%d STUN/TURN servers listed, %d of them relays)",
+            identity.peer_id,
+            len(self.settings.ice_servers),
+            relays,
+        )
+
+    @property
+    def ice_on(self) -> bool:
+        """ICE offers and answers travel on the DHT, so an ``ice://`` endpoint needs a DHT node."""
+        return self.settings.ice and self.node is not None
+
+    @property
+    def checks_reachability(self) -> bool:
+        return (
+            self.node is not None
+            and self.settings.reachability_check
+            and bool(self.bootstrap)
+            and dialback_port(self.announce_url) is not None
+        )
 
     def _start_lan(self, peer_id: str) -> None:
         from peerinfer.network.lan import LanAnnouncer
@@ -171,7 +243,7 @@ class WorkerNetwork:
         return PeerRecord(
             peer_id=self.identity.peer_id,
             public_key=b64(self.identity.public_key),
-            endpoints=(self.announce_url,),
+            endpoints=self.endpoints,
             model=info.model_id[:128],
             sha256=info.sha256,
             n_ctx=info.n_ctx,
@@ -197,6 +269,8 @@ class WorkerNetwork:
             steps += [("DHT: announcing the record", self._announce), ("DHT: the clash check", self._check_clash)]
         if self.lan is not None:
             steps.append(("LAN: announcing the record", self._announce_lan))
+        if self.checks_reachability:
+            steps.append(("dial-back: the reachability check", self._recheck))
         return steps
 
     async def _announce_loop(self, loaded: asyncio.Task[None], ready: Callable[[], bool], engine: Engine) -> None:
@@ -207,6 +281,9 @@ class WorkerNetwork:
             self.tokens_per_s = await measure_tokens_per_s(engine)
         except Exception as exc:  # the worker still serves and announces, with an unknown speed
             log.warning("could not measure tokens/s (%s); announcing 0", _one_line(exc))
+        if self.checks_reachability and not self.settings.announce_url:
+            # The first record already says how to reach this worker; the operator's URL needs no wait.
+            await self._check_reachability(wait_for_server=True)
         refresh = self.settings.record_refresh_s or self.settings.record_lifetime_s / 3
         steps = self._steps()
         failures = dict.fromkeys((what for what, _ in steps), 0)
@@ -229,6 +306,43 @@ class WorkerNetwork:
                     )
                 self.announce_rounds += 1
                 await asyncio.sleep(refresh / len(steps))
+
+    async def _recheck(self, engine: Engine) -> None:
+        """Starts a dial-back round when one is due; it runs beside the announcements, which never wait for it."""
+        due = time.monotonic() - self._checked_at >= RECHECK_S
+        if due and (self._check_task is None or self._check_task.done()):
+            self._checked_at = time.monotonic()
+            self._check_task = asyncio.create_task(self._check_reachability())
+
+    async def _check_reachability(self, wait_for_server: bool = False) -> None:
+        """Ask the bootstrap nodes to dial this worker back and list what they found. Never raises."""
+        assert self.identity is not None
+        self._checked_at = time.monotonic()
+        port = dialback_port(self.announce_url)
+        if port is None:
+            return
+        try:
+            if wait_for_server and not await wait_listening(self.local_url, LISTEN_WAIT_S):
+                log.warning("this worker's server at %s does not accept connections yet; asking anyway", self.local_url)
+            if self._http is None:
+                self._http = WorkerHttp(connect_timeout_s=ASK_TIMEOUT_S)
+            asked = self.bootstrap[:MAX_BOOTSTRAPS_ASKED]
+            results = list(
+                await asyncio.gather(*(ask_dialback(self._http, node, port, self.identity) for node in asked))
+            )
+            explicit = self.settings.announce_url
+            reports = [result.report for result in results]
+            endpoints = endpoints_for(self.guessed_url, explicit, reports, self.ice_on, self.identity.peer_id)
+            level, line = reachability_line(explicit, results, endpoints, self.ice_on)
+        except Exception as exc:  # the worker keeps the endpoints it has
+            log.error("dial-back: asking the bootstrap nodes failed (%s); listing %s", _one_line(exc), self.endpoints)
+            return
+        self.dialback = results
+        self.endpoints = endpoints
+        outcome = (verdict(explicit, reports), endpoints)
+        # Every few minutes the same answer: logged when it changes.
+        log.log(level if outcome != self._logged else logging.DEBUG, "peer %s: %s", self.identity.peer_id, line)
+        self._logged = outcome
 
     async def _announce(self, engine: Engine) -> None:
         self._put(self.record(engine))
@@ -255,10 +369,14 @@ class WorkerNetwork:
 
     async def stop(self, engine: Engine, ready: bool) -> None:
         """Withdraw the record at once, then leave the DHT and send the LAN's goodbye."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._check_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         withdrawal = self.record(engine, withdrawn=True) if ready and self.identity is not None else None
         if self.node is not None and withdrawal is not None and self.identity is not None:
             self._put(withdrawal)
@@ -273,6 +391,8 @@ class WorkerNetwork:
                 )
         elif withdrawal is not None:
             await asyncio.sleep(self.settings.withdraw_grace_s)
+        if self.ice is not None:
+            await self.ice.close()
         if self.node is None:
             return
         await asyncio.to_thread(self.node.close)
