@@ -80,7 +80,7 @@ async def raw(args: argparse.Namespace, settings: ClientSettings) -> dict[str, o
             while chunk := await reader.read(65536):
                 data += chunk
         writer.close()
-        return {"path": tunnel.path, "raw": data.decode("utf-8", "replace")}
+        return {"path": tunnel.path, "remote": tunnel.stats.remote, "raw": data.decode("utf-8", "replace")}
     finally:
         await dialer.aclose()
         node.close()

@@ -18,7 +18,8 @@ Addresses (fixed)::
     client  192.168.2.2   2001:db8:2::2   (behind client_router)
 
 public and public_worker route 2001:db8:1::/64 and 2001:db8:2::/64 via the routers' wan
-addresses; inside hosts have default routes via their router. No host routes the private
+addresses, and home_router and client_router route each other's /64; inside hosts have
+default routes via their router. No host routes the private
 IPv4 ranges: they are only reachable through NAT.
 
 The routers (iptables, nf_tables backend):
@@ -153,6 +154,9 @@ class NatLab:
         for host in (self.public, self.public_worker):
             host.ip("-6", "route", "add", "2001:db8:1::/64", "via", "2001:db8:ff::11")
             host.ip("-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8:ff::13")
+        # IPv6 is routed end to end, as on the Internet: each site reaches the other's /64 (past its firewall).
+        self.home_router.ip("-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8:ff::13")
+        self.client_router.ip("-6", "route", "add", "2001:db8:1::/64", "via", "2001:db8:ff::11")
 
     def _site(
         self, name: str, wan: Bridge, wan_v4: str, lan_v4: str, lan_v6: str | None, symmetric: bool = False

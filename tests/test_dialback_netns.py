@@ -149,11 +149,6 @@ def test_a_public_worker_lists_its_url_and_one_behind_nat_only_ice(lab: NatLab, 
     assert rows[home_id]["endpoint"] == f"ice://{home_id}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker's HostGuard refuses Host 198.51.100.11:8000 (the router's address) with 400, so the "
-    "dial-back through a forwarded port fails; it needs HostPolicy to allow IP-literal hosts (server/guards.py)",
-)
 def test_a_worker_behind_a_forwarded_port_lists_the_routers_url(lab: NatLab, tmp_path: Path) -> None:
     forward = [["-t", "nat", "-I", "PREROUTING", "-i", "eth0", "-p", "tcp", "--dport", str(PORT)]]
     forward[0] += ["-j", "DNAT", "--to-destination", f"192.168.1.2:{PORT}"]

@@ -90,8 +90,11 @@ def test_the_announce_host_and_allowed_hosts_pass() -> None:
     try:
         for host in ("worker.example:8001", "box.lan", "gpu.corp.example:80", "corp.example", "url.example"):
             assert client.get("/health", headers={"Host": host}).status_code == 200, host
-        for host in ("evil.example", "worker.example.evil.example", "xcorp.example"):
+        for host in ("evil.example", "worker.example.evil.example", "xcorp.example", "203.0.113.9.evil.example"):
             assert_openai_error(client.get("/health", headers={"Host": host}), 400)
+        # An IP address (a port-forwarded worker named by its router's address) is no rebinding.
+        for host in ("203.0.113.9:8000", "[2001:db8::5]:8000", "10.0.0.7"):
+            assert client.get("/health", headers={"Host": host}).status_code == 200, host
     finally:
         client.__exit__(None, None, None)
 

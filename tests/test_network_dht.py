@@ -194,8 +194,9 @@ def test_peers_command_and_client_cli_with_bootstrap(three: Net) -> None:
 
     table = io.StringIO()
     assert peerinfer_main(base, table, err) == 0
-    assert table.getvalue().splitlines()[0].split()[:3] == ["ID", "ENDPOINT", "MODEL"]
+    assert table.getvalue().splitlines()[0].split()[:4] == ["ID", "ENDPOINT", "PATH", "MODEL"]
     assert len(table.getvalue().splitlines()) == 4
+    assert all(peer["path"] == "direct" for peer in listed)  # reached by their http:// URLs on loopback
 
     out, err = io.StringIO(), io.StringIO()
     argv = ["hello", "--bootstrap", bootstrap, "--network-id", env_net, "--max-tokens", "400", "--temperature", "0"]
@@ -276,8 +277,8 @@ def test_peers_shows_which_peers_proved_their_key(net: Net, tmp_path: Path) -> N
     table = io.StringIO()
     assert peerinfer_main([*base, "--min-peers", "2"], table, io.StringIO()) == 0
     header, *rows = table.getvalue().splitlines()
-    assert header.split()[5] == "VERIFIED"
-    assert sorted(row.split()[5] for row in rows) == ["no", "yes"]
+    assert header.split()[6] == "VERIFIED"
+    assert sorted(row.split()[6] for row in rows) == ["no", "yes"]
 
 
 def test_a_get_reads_a_bounded_number_of_bounded_values(net: Net) -> None:

@@ -70,6 +70,7 @@ AFFINITY_ENTRIES = 1024  # conversations remembered, least recently used forgott
 SPEED_WEIGHT = 0.3  # weight of the newest answer in a peer's measured tokens/s
 SURVEY_PEERS = 64  # peers a survey probes at most
 SURVEY_EVERY_S = 5.0  # at most one survey this often
+ICE_PROBE_S = 4.0  # least time for a probe over an ICE path: room for a resent packet or two
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,8 @@ class Router:
                 # An ICE path takes its own set-up time (signalling, checks, perhaps the relay); the probe's
                 # time starts once it is open.
                 await self.http.prepare(endpoint)
-                deadline = max(deadline, time.monotonic() + self.options.probe_timeout_s)
+            if is_ice_endpoint(endpoint):  # a packet lost on the path is resent after SCTP's 1 s floor
+                deadline = max(deadline, time.monotonic() + max(self.options.probe_timeout_s, ICE_PROBE_S))
             probe = await vet_peer(
                 self.http, record, deadline=deadline, challenge=not self.proven(record), endpoint=endpoint
             )

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from peerinfer.client.peer_http import PeerRejected
-from peerinfer.client.transport import WorkerHttp
+from peerinfer.client.routing import endpoint_for
+from peerinfer.client.transport import Tunnels, WorkerHttp
+from peerinfer.client.tunnels import IceOptions, ice_tunnels
 from peerinfer.client.vetting import prove_key, vet_peer
 from peerinfer.errors import PeerInferError
 from peerinfer.gateway.cli import add_gateway_parser, run_gateway
 from peerinfer.network.dht import DhtNode
 from peerinfer.network.dialback_server import DialbackServer
-from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, model_key
+from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, is_ice_endpoint, model_key
 from peerinfer.network.sources import open_discovery
 from peerinfer.settings import ClientSettings
 
@@ -91,31 +93,51 @@ def _start_dialback(host: str, port: int, err: TextIO) -> DialbackServer | None:
 
 @dataclass(frozen=True)
 class PeerCheck:
-    """What ``peers`` found out about a listed peer itself: its /health round trip and its key."""
+    """What ``peers`` found out about a listed peer itself: its /health round trip, its key and its path."""
 
     rtt_ms: float | None
     verified: bool
     failure: str | None = None
+    endpoint: str | None = None
+    path: str | None = None
 
 
 async def check_peer(http: WorkerHttp, record: PeerRecord, timeout_s: float = 2.0) -> PeerCheck:
-    """Probe ``/health`` and ask for the signed nonce, within ``timeout_s`` in all. Never raises."""
-    deadline = time.monotonic() + timeout_s
+    """Probe ``/health`` and ask for the signed nonce, within ``timeout_s`` in all. Never raises.
+
+    A direct endpoint comes first; when none can be reached, the ``ice://`` one is opened (in the
+    tunnels' own time limit) and probed.
+    """
+    unreachable: set[str] = set()
+    while True:
+        endpoint = endpoint_for(record.endpoints, can_tunnel=http.can_tunnel, unreachable=unreachable)
+        check = await _check_endpoint(http, record, endpoint, timeout_s)
+        if check.verified or check.failure not in ("unreachable", "timeout") or is_ice_endpoint(endpoint):
+            return check
+        unreachable.add(endpoint)
+        if endpoint_for(record.endpoints, can_tunnel=http.can_tunnel, unreachable=unreachable) == endpoint:
+            return check
+
+
+async def _check_endpoint(http: WorkerHttp, record: PeerRecord, endpoint: str, timeout_s: float) -> PeerCheck:
     try:
-        probe = await vet_peer(http, record, deadline=deadline, challenge=False)
+        if not http.is_open(endpoint):
+            await http.prepare(endpoint)
+        deadline = time.monotonic() + timeout_s
+        probe = await vet_peer(http, record, deadline=deadline, challenge=False, endpoint=endpoint)
     except PeerRejected as exc:
-        return PeerCheck(None, False, exc.reason)
+        return PeerCheck(None, False, f"{exc.reason}: {exc.detail}"[:300], endpoint, http.path(endpoint))
     rtt_ms = round(probe.rtt_s * 1000, 1)
     try:
-        await prove_key(http, record, deadline=deadline)
+        await prove_key(http, record, deadline=deadline, endpoint=endpoint)
     except PeerRejected as exc:
-        return PeerCheck(rtt_ms, False, exc.reason)
-    return PeerCheck(rtt_ms, True)
+        return PeerCheck(rtt_ms, False, exc.reason, endpoint, http.path(endpoint))
+    return PeerCheck(rtt_ms, True, None, endpoint, http.path(endpoint))
 
 
-async def check_peers(records: list[PeerRecord]) -> list[PeerCheck]:
-    """Every record's check, at once, over one connection pool."""
-    http = WorkerHttp()
+async def check_peers(records: list[PeerRecord], tunnels: Tunnels | None = None) -> list[PeerCheck]:
+    """Every record's check, at once, over one connection pool (and ICE paths, with ``tunnels``)."""
+    http = WorkerHttp(tunnels=tunnels)
     try:
         return list(await asyncio.gather(*(check_peer(http, record) for record in records)))
     finally:
@@ -125,7 +147,9 @@ async def check_peers(records: list[PeerRecord]) -> list[PeerCheck]:
 def describe(record: PeerRecord, check: PeerCheck, now: float) -> dict[str, Any]:
     return {
         "id": record.peer_id,
-        "endpoint": record.endpoints[0],
+        "endpoint": check.endpoint or record.endpoints[0],
+        "endpoints": list(record.endpoints),
+        "path": check.path,
         "model": record.model,
         "sha256": record.sha256,
         "slots_free": record.slots_free,
@@ -140,11 +164,12 @@ def describe(record: PeerRecord, check: PeerCheck, now: float) -> dict[str, Any]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["ID", "ENDPOINT", "MODEL", "SLOTS", "RTT_MS", "VERIFIED", "TOKENS/S", "AGE_S"]
+    header = ["ID", "ENDPOINT", "PATH", "MODEL", "SLOTS", "RTT_MS", "VERIFIED", "TOKENS/S", "AGE_S"]
     lines = [header] + [
         [
             row["id"][:12],
-            row["endpoint"],
+            row["endpoint"] if len(row["endpoint"]) <= 40 else row["endpoint"][:30] + "...",
+            row["path"] or "-",
             row["model"],
             f"{row['slots_free']}/{row['slots_total']}",
             "down" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f}",
@@ -180,9 +205,10 @@ def run_peers(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if len(records) >= args.min_peers or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
+        # The DHT node stays up for the checks: it carries the offers and answers of ICE paths.
+        checks = asyncio.run(check_peers(records, ice_tunnels(opened.signalling, IceOptions.from_settings(settings))))
     finally:
         opened.close()
-    checks = asyncio.run(check_peers(records))
     now = time.time()
     rows = [describe(record, check, now) for record, check in zip(records, checks, strict=True)]
     if args.json:

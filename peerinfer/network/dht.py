@@ -61,11 +61,20 @@ class DhtNode:
         config.setNetwork(network_id)
         self._runner = opendht.DhtRunner()
         try:
-            self._runner.run(port=port, ipv4=host, config=config)
+            self._runner.run(port=port, ipv4=host, ipv6=_ipv6_bind(host), config=config)
         except Exception as exc:  # the binding raises plain RuntimeErrors
-            raise ConfigError(
-                f"cannot start a DHT node on UDP {host}:{port}: {exc}; choose another PEERINFER_DHT_PORT"
-            ) from exc
+            if _ipv6_bind(host):  # a machine with IPv6 turned off: IPv4 alone
+                self._runner = opendht.DhtRunner()
+                try:
+                    self._runner.run(port=port, ipv4=host, config=config)
+                except Exception as retry:
+                    raise ConfigError(
+                        f"cannot start a DHT node on UDP {host}:{port}: {retry}; choose another PEERINFER_DHT_PORT"
+                    ) from retry
+            else:
+                raise ConfigError(
+                    f"cannot start a DHT node on UDP {host}:{port}: {exc}; choose another PEERINFER_DHT_PORT"
+                ) from exc
         self._runner.registerType(
             opendht.ValueType(VALUE_TYPE_ID, "peerinfer-record", timedelta(seconds=value_lifetime_s))
         )
@@ -200,6 +209,11 @@ class DhtNode:
         self._runner.shutdown(stopped.set)
         stopped.wait(5)
         self._runner.join()
+
+
+def _ipv6_bind(host: str) -> str:
+    """A node on every IPv4 address listens on every IPv6 address too: many mobile users have IPv6."""
+    return "::" if host == "0.0.0.0" else ""
 
 
 _LISTEN_LOCK = threading.Lock()

@@ -40,7 +40,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+    rtcsctptransport,
+)
 
 from peerinfer.network.ice_config import IceServer
 from peerinfer.network.identity import PeerIdentity
@@ -56,6 +63,10 @@ from peerinfer.network.signalling import (
 )
 
 log = logging.getLogger(__name__)
+# SCTP resends a lost packet after its retransmission timeout, 3 s until a round trip is measured:
+# one packet lost on a new path (1% on a mobile link, or during ICE's last checks) stalled the first
+# request for 3 s. 1 s, SCTP's own floor, is what browsers' data channels start with too.
+rtcsctptransport.SCTP_RTO_INITIAL = 1.0
 PathKind = Literal["direct", "hole-punched", "relayed"]
 CONTROL_LABEL = "peerinfer-ctl"
 HTTP_LABEL = "http"
@@ -114,17 +125,24 @@ def has_relay(servers: Sequence[IceServer]) -> bool:
 
 def path_of(pc: RTCPeerConnection) -> PathKind | None:
     """What the connectivity checks chose: host to host, through a reflexive candidate, or a relay."""
+    pair = selected_pair(pc)
+    return pair[0] if pair is not None else None
+
+
+def selected_pair(pc: RTCPeerConnection) -> tuple[PathKind, str] | None:
+    """The chosen pair's kind and the far end's address (the relay's, for a relayed path)."""
     try:
         connection = pc.sctp.transport.transport._connection  # type: ignore[union-attr]
         pair = connection._nominated.get(1)
         if pair is None:
             return None
-        kinds = {pair.local_candidate.type, pair.remote_candidate.type}
+        local, remote = pair.local_candidate, pair.remote_candidate
+        kinds = {local.type, remote.type}
     except AttributeError:  # aiortc's internals moved: the path still works, its kind is unknown
         return None
     if "relay" in kinds:
-        return "relayed"
-    return "direct" if kinds == {"host"} else "hole-punched"
+        return "relayed", str(remote.host)
+    return ("direct" if kinds == {"host"} else "hole-punched"), str(remote.host)
 
 
 def _lean_sdp(sdp: str) -> str:
@@ -206,6 +224,7 @@ class TunnelStats:
     path: PathKind | None
     setup_s: float
     relay_tried: bool
+    remote: str | None = None  # the far end of the chosen pair: an IPv6 address when the path is IPv6
 
 
 class IceTunnel:
@@ -349,7 +368,8 @@ class IceDialer:
                     raise
                 failures.append(f"{'through the relay' if relay else 'without a relay'}: {exc}")
                 continue
-            stats = TunnelStats(path_of(pc), time.monotonic() - started, relay)
+            pair = selected_pair(pc)
+            stats = TunnelStats(pair[0] if pair else None, time.monotonic() - started, relay, pair[1] if pair else None)
             tunnel = IceTunnel(pc, control, peer_id, stats)
             await tunnel.start()
             self._tunnels[peer_id] = tunnel
@@ -360,7 +380,13 @@ class IceDialer:
         raise IceFailed(f"no ICE path to peer {peer_id}: " + "; ".join(failures))
 
     def _said(self, tunnel: IceTunnel) -> None:
-        log.info("ICE path to peer %s: %s, open in %.2f s", tunnel.peer_id, tunnel.path, tunnel.stats.setup_s)
+        log.info(
+            "ICE path to peer %s: %s (to %s), open in %.2f s",
+            tunnel.peer_id,
+            tunnel.path,
+            tunnel.stats.remote,
+            tunnel.stats.setup_s,
+        )
         if tunnel.path == "relayed" and not self._relay_said:
             self._relay_said = True
             log.warning(

@@ -339,7 +339,9 @@ def render_turnserver_conf(config: RelayConfig) -> str:
 def relayed_families(config: RelayConfig) -> set[int]:
     """The IP versions the relay relays: its relay IPs', else its public and listening addresses', else IPv4."""
     named = list(config.relay_ips) or [ip for ip in (config.external_ip, *config.listening_ips) if ip is not None]
-    families = {ipaddress.ip_address(ip).version for ip in named if not ipaddress.ip_address(ip).is_unspecified}
+    families: set[int] = {
+        ipaddress.ip_address(ip).version for ip in named if not ipaddress.ip_address(ip).is_unspecified
+    }
     return families or {4}
 
 

@@ -14,6 +14,7 @@ Two attacks come through the user's own browser when the worker listens on 127.0
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -83,11 +84,21 @@ class HostPolicy:
         return cls(frozenset(names), tuple(suffixes), any_host)
 
     def allows(self, host: str, local_address: str | None) -> bool:
-        if self.any_host or host in self.names or host == local_address:
+        if self.any_host or host in self.names or host == local_address or _is_ip(host):
+            # An IP address is no rebinding: that attack needs a domain name that resolves to this machine.
+            # A port-forwarded worker is named by its router's public address, which it cannot know.
             return True
         if host.startswith("127.") and host.replace(".", "").isdigit():
             return True  # all of 127.0.0.0/8 is this machine
         return any(host.endswith(suffix) or host == suffix[1:] for suffix in self.suffixes)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 class HostGuard:
