@@ -590,3 +590,15 @@ def test_a_relay_with_no_allowed_ranges_relays_to_a_public_address(tmp_path: Pat
             assert out.strip() == "hello from the lab 11.0.0.1", server.log()[-3000:]
         finally:
             server.stop()
+
+
+def test_python_m_peerinfer_relay_config_prints_a_config_coturn_reads() -> None:
+    from peerinfer.network.cli import main as peerinfer_main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = peerinfer_main(["relay-config", "--external-ip", "203.0.113.10", "--relay-ip", "203.0.113.10"], out, err)
+    assert code == 0, err.getvalue()
+    assert "lt-cred-mech" in out.getvalue() and "denied-peer-ip=10.0.0.0-10.255.255.255" in out.getvalue()
+    line = next(text for text in err.getvalue().splitlines() if text.startswith("PEERINFER_ICE_SERVERS="))
+    assert parse_ice_servers(shlex.split(line.partition("=")[2])[0])[0].is_turn
+    assert peerinfer_main(["relay-config", "--external-ip", "nope"], io.StringIO(), err) == 2

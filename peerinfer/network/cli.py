@@ -1,4 +1,4 @@
-"""``python3 -m peerinfer``: run a bootstrap node or the gateway, or list the verified peers."""
+"""``python3 -m peerinfer``: run a bootstrap node or the gateway, list the verified peers, or print a relay's config."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from peerinfer.gateway.cli import add_gateway_parser, run_gateway
 from peerinfer.network.dht import DhtNode
 from peerinfer.network.dialback_server import DialbackServer
 from peerinfer.network.records import DIRECTORY_KEY, PeerRecord, is_ice_endpoint, model_key
+from peerinfer.network.relay_cli import add_relay_config_parser, run_relay_config
 from peerinfer.network.sources import open_discovery
 from peerinfer.settings import ClientSettings
 
@@ -55,6 +56,7 @@ def build_parser(settings: ClientSettings) -> argparse.ArgumentParser:
     peers.add_argument("--min-peers", type=int, default=1, help="wait until this many are found (default: 1)")
     peers.add_argument("--timeout", type=float, default=5.0, help="most seconds to wait for them (default: 5)")
     add_gateway_parser(commands)
+    add_relay_config_parser(commands)
     for sub in (boot, peers):
         sub.add_argument("--network-id", type=int, default=settings.network_id, help="private DHT network id")
     return parser
@@ -232,6 +234,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     err = err or sys.stderr
     args = build_parser(ClientSettings()).parse_args(argv)
     try:
+        if args.command == "relay-config":
+            return run_relay_config(args, out, err)
         if args.command == "gateway":
             return run_gateway(args, err)
         if args.command == "bootstrap":
