@@ -210,6 +210,14 @@ def test_the_home_worker_is_reached_by_hole_punching_and_the_cgnat_worker_throug
     assert str(result["text"]).startswith("Once upon a time"), result
     assert _path_of(result, cgnat) == "relayed", result
     assert "relayed path" in fresh.worker_log("cgnat")
+    # The PoC's own client, unchanged: it streams through the relay and says so on stderr, once.
+    argv = [sys.executable, "client.py", "Tell me the story.", "--bootstrap", BOOTSTRAP, "--max-tokens", "30"]
+    done = fresh.nat.client.run(
+        [*argv, "--network-id", str(fresh.net)], CLIENT_TIMEOUT_S, cwd=REPO, env=fresh.env("c2")
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("Once upon a time"), done.stdout
+    assert done.stderr.count("through a TURN relay") == 1, done.stderr
 
 
 def test_through_the_relay_the_real_model_writes_what_it_writes_locally(fresh: Lab) -> None:

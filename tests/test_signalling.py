@@ -558,3 +558,12 @@ def test_check_sdp_on_any_text(sdp: str) -> None:
     assert lines[0].startswith("v=")
     assert all(line.isascii() and line.isprintable() for line in lines)
     assert sum(line.startswith("a=candidate:") for line in lines) <= MAX_CANDIDATES
+
+
+def test_a_refusal_cannot_carry_control_characters_into_a_clients_log() -> None:
+    """A signing worker could otherwise write lines and terminal escapes into every client's log."""
+    hostile = "busy\n\x1b[2J\x1b[31mERROR fake line"
+    forged = _signed(_answer_body(sdp=None, refused=hostile))
+    assert _reason(read_answer, forged, OFFER, WORKER.peer_id, NOW) == "malformed"
+    cleaned = read_answer(make_answer(OFFER, WORKER, NOW, sdp=None, refused=hostile), OFFER, WORKER.peer_id, NOW)
+    assert cleaned.refused is not None and cleaned.refused.isprintable() and "busy" in cleaned.refused

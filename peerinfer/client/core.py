@@ -230,9 +230,20 @@ class Router:
                 await self.http.prepare(endpoint)
             if is_ice_endpoint(endpoint):  # a packet lost on the path is resent after SCTP's 1 s floor
                 deadline = max(deadline, time.monotonic() + max(self.options.probe_timeout_s, ICE_PROBE_S))
-            probe = await vet_peer(
-                self.http, record, deadline=deadline, challenge=not self.proven(record), endpoint=endpoint
-            )
+            try:
+                probe = await vet_peer(
+                    self.http, record, deadline=deadline, challenge=not self.proven(record), endpoint=endpoint
+                )
+            except PeerRejected as exc:
+                if exc.reason != "timeout" or not is_ice_endpoint(endpoint):
+                    raise
+                # Seen in the NAT lab now and then: the first request on a new relayed path stalls while the
+                # path itself is fine. One more try, on a new connection, before the peer is banned.
+                log.info("peer %s: a probe over its ICE path timed out; trying once more", record.peer_id)
+                deadline = time.monotonic() + max(self.options.probe_timeout_s, ICE_PROBE_S)
+                probe = await vet_peer(
+                    self.http, record, deadline=deadline, challenge=not self.proven(record), endpoint=endpoint
+                )
         except PeerRejected as exc:
             fallback = self._direct_failed(record, endpoint, exc)
             if fallback is None:

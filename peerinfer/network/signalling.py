@@ -147,12 +147,16 @@ def make_answer(offer: Offer, identity: PeerIdentity, now: float, *, sdp: str | 
         session=offer.session,
         offer_sha256=sdp_sha256(offer.sdp),
         sdp=sdp,
-        refused=refused[:MAX_REASON_CHARS] if refused is not None else None,
+        refused=_printable(refused)[:MAX_REASON_CHARS] if refused is not None else None,
         peer_id=identity.peer_id,
         public_key=b64(identity.public_key),
         issued_at=round(now, 3),
     )
     return sign_answer(answer, identity)
+
+
+def _printable(text: str) -> str:
+    return "".join(char if char.isascii() and char.isprintable() else "?" for char in text)
 
 
 def read_answer(data: Any, offer: Offer, peer_id: str, now: float) -> Answer:
@@ -180,7 +184,8 @@ def read_answer(data: Any, offer: Offer, peer_id: str, now: float) -> Answer:
         issued_at = _time(body["issued_at"], now)
         refused = body["refused"]
         if refused is not None:
-            if not isinstance(refused, str) or len(refused) > MAX_REASON_CHARS or body["sdp"] is not None:
+            printable = isinstance(refused, str) and refused.isascii() and refused.isprintable()
+            if not printable or len(refused) > MAX_REASON_CHARS or body["sdp"] is not None:
                 raise SignalRejected("malformed", "a refusal has a short reason and no SDP")
             return Answer(body["session"], body["offer_sha256"], None, refused, peer_id, body["public_key"], issued_at)
         return Answer(
