@@ -396,3 +396,30 @@ def test_over_ipv6_the_home_worker_is_reached_through_its_firewall_when_ipv4_can
     assert result["remote"] == "2001:db8:1::2", result
     assert result["path"] == "direct", result
     assert _sse(str(result["raw"]))[1].startswith("Once upon")
+
+
+def test_a_relay_that_goes_away_mid_answer_is_a_peer_failure_and_the_answer_resumes(fresh: Lab) -> None:
+    slow = {"PEERINFER_TEST_TOKEN_DELAY_S": "0.1"}
+    cgnat = fresh.start_worker("cgnat", **slow)  # the only peer: the answer starts on the relayed path
+    with (fresh.tmp / "client-relay.log").open("w") as sink:
+        client = fresh.nat.client.popen(
+            [sys.executable, "-m", "tests.nat_client", "chat", "Tell me the story.", "--max-tokens", "200"],
+            cwd=REPO,
+            env=fresh.env("client"),
+            stdout=subprocess.PIPE,
+            stderr=sink,
+        )
+    deadline = time.monotonic() + 120
+    while "POST /v1/chat/completions" not in fresh.worker_log("cgnat"):
+        assert time.monotonic() < deadline and client.poll() is None, (fresh.tmp / "client-relay.log").read_text()
+        time.sleep(0.05)
+    home = fresh.start_worker("home", **slow)  # a second peer appears while the first answers
+    fresh.stop_relay()  # the relayed stream loses its path mid-answer
+    out, _ = client.communicate(timeout=CLIENT_TIMEOUT_S)
+    if client.stdout is not None:
+        client.stdout.close()
+    assert client.returncode == 0, (fresh.tmp / "client-relay.log").read_text()[-3000:]
+    result = json.loads(out.splitlines()[-1])
+    assert result["text"] == STORY, result
+    switches = result["switches"]
+    assert len(switches) == 1 and switches[0][:2] == [f"ice://{cgnat}", f"ice://{home}"] and switches[0][3] > 0
