@@ -321,3 +321,20 @@ def _serve(home: str, boot_port: int, net: int) -> None:
 
 if __name__ == "__main__" and sys.argv[1] == "serve":
     _serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+
+
+def test_only_listed_servers_are_used_and_the_relay_only_in_the_second_phase() -> None:
+    from peerinfer.network.ice import rtc_configuration
+    from peerinfer.network.ice_config import parse_ice_servers
+
+    assert rtc_configuration((), relay=True).iceServers == []  # aiortc's default would ask a public STUN server
+    servers = parse_ice_servers(
+        '[{"urls": "turn:203.0.113.10:3478", "username": "u", "credential": "p"}, {"urls": "stun:198.51.100.7"}]'
+    )
+    first = rtc_configuration(servers, relay=False).iceServers
+    assert [server.urls for server in first] == ["stun:203.0.113.10:3478"]  # the relay answers STUN too
+    second = rtc_configuration(servers, relay=True).iceServers
+    assert [(server.urls, server.username) for server in second] == [
+        ("stun:203.0.113.10:3478", None),
+        ("turn:203.0.113.10:3478", "u"),
+    ]
