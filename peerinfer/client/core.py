@@ -35,6 +35,7 @@ from peerinfer.client.answer import PeerChunk, PeerOpened, RoutedAnswer, StreamS
 from peerinfer.client.peer_http import PeerRejected
 from peerinfer.client.resume import AnswerPlan
 from peerinfer.client.routing import (
+    ICE_PROBE_S,
     BanList,
     ChoiceState,
     Probe,
@@ -70,7 +71,6 @@ AFFINITY_ENTRIES = 1024  # conversations remembered, least recently used forgott
 SPEED_WEIGHT = 0.3  # weight of the newest answer in a peer's measured tokens/s
 SURVEY_PEERS = 64  # peers a survey probes at most
 SURVEY_EVERY_S = 5.0  # at most one survey this often
-ICE_PROBE_S = 4.0  # least time for a probe over an ICE path: room for a resent packet or two
 
 
 @dataclass(frozen=True)

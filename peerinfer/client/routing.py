@@ -15,6 +15,8 @@ from typing import Any, Literal
 from peerinfer.network.identity import PeerId
 from peerinfer.network.records import PeerRecord, is_ice_endpoint
 
+ICE_PROBE_S = 4.0
+"""Least time for a probe over an ICE path: SCTP resends a lost packet after 1 s at the earliest."""
 ASSUMED_ANSWER_TOKENS = 128
 """Length of a typical answer, used to turn a queue into seconds of waiting."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from peerinfer.client.peer_http import PeerRejected
-from peerinfer.client.routing import endpoint_for
+from peerinfer.client.routing import ICE_PROBE_S, endpoint_for
 from peerinfer.client.transport import Tunnels, WorkerHttp
 from peerinfer.client.tunnels import IceOptions, ice_tunnels
 from peerinfer.client.vetting import prove_key, vet_peer
@@ -122,11 +122,20 @@ async def check_peer(http: WorkerHttp, record: PeerRecord, timeout_s: float = 2.
 
 
 async def _check_endpoint(http: WorkerHttp, record: PeerRecord, endpoint: str, timeout_s: float) -> PeerCheck:
+    ice = is_ice_endpoint(endpoint)
+    if ice:  # as the router does: room for a resent packet, and one more try on a new path's first stall
+        timeout_s = max(timeout_s, ICE_PROBE_S)
     try:
         if not http.is_open(endpoint):
             await http.prepare(endpoint)
         deadline = time.monotonic() + timeout_s
-        probe = await vet_peer(http, record, deadline=deadline, challenge=False, endpoint=endpoint)
+        try:
+            probe = await vet_peer(http, record, deadline=deadline, challenge=False, endpoint=endpoint)
+        except PeerRejected as exc:
+            if not ice or exc.reason != "timeout":
+                raise
+            deadline = time.monotonic() + timeout_s
+            probe = await vet_peer(http, record, deadline=deadline, challenge=False, endpoint=endpoint)
     except PeerRejected as exc:
         return PeerCheck(None, False, f"{exc.reason}: {exc.detail}"[:300], endpoint, http.path(endpoint))
     rtt_ms = round(probe.rtt_s * 1000, 1)
