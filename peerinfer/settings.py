@@ -73,7 +73,8 @@ class NetworkSettings(BaseSettings):
         default=3.0,
         gt=0,
         le=60,
-        description="Seconds an ICE path without a relay (direct or hole-punched) may take before the relay is tried.",
+        description="Seconds of connectivity checks (once the worker answered) an ICE path without a relay, direct or "
+        "hole-punched, may take before the relay is tried.",
     )
     ice_timeout_s: float = Field(
         default=10.0, gt=0, le=120, description="Seconds to set up one ICE path, relay included."

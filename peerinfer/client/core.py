@@ -237,8 +237,8 @@ class Router:
             except PeerRejected as exc:
                 if exc.reason != "timeout" or not is_ice_endpoint(endpoint):
                     raise
-                # Seen in the NAT lab now and then: the first request on a new relayed path stalls while the
-                # path itself is fine. One more try, on a new connection, before the peer is banned.
+                # A new path's first exchange can lose a packet to a link that drops 1% (the SCTP resend
+                # then waits out its timer): one more try, on a new connection, before the peer is banned.
                 log.info("peer %s: a probe over its ICE path timed out; trying once more", record.peer_id)
                 deadline = time.monotonic() + max(self.options.probe_timeout_s, ICE_PROBE_S)
                 probe = await vet_peer(

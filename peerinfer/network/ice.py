@@ -13,9 +13,10 @@ Choices, each for a reason:
 
 - **Direct first, relay last.** aioice keeps the first pair that succeeds, which can be a relay
   pair when a direct one also works. So a path is opened in two phases: without any relay
-  candidate (the worker is told not to gather them either) for ``direct_timeout_s``, and only then
-  with the relay. ``IceTunnel.path`` says what the checks found: ``direct`` (host to host),
-  ``hole-punched`` (a server-reflexive or peer-reflexive candidate), ``relayed`` (TURN).
+  candidate (the worker is told not to gather them either), with ``direct_timeout_s`` for the checks
+  once the answer is in, and only then with the relay. ``IceTunnel.path`` says what the checks
+  found: ``direct`` (host to host), ``hole-punched`` (a server-reflexive or peer-reflexive
+  candidate), ``relayed`` (TURN).
 - **Only the listed servers.** aiortc asks a public STUN server when given none; here the
   configuration is always explicit (``PEERINFER_ICE_SERVERS``), and a TURN server is also used as a
   STUN server in the first phase (every TURN server answers binding requests).
@@ -164,31 +165,41 @@ async def _opened(channel: RTCDataChannel) -> None:
         raise IceFailed(f"the data channel {channel.label} closed before it opened")
 
 
-async def pipe(channel: RTCDataChannel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Carry bytes both ways between an open data channel and a TCP connection until either side ends."""
-    incoming: asyncio.Queue[bytes | None] = asyncio.Queue()
-    pending = 0
+class Inbox:
+    """What arrives on a data channel, kept from the moment the channel exists.
 
-    def on_message(message: bytes | str) -> None:
-        nonlocal pending
+    A handler added later would miss what came first: pyee drops events nobody listens to, and a
+    client writes its request as soon as the channel opens, while the worker is still connecting
+    to its own HTTP server (a request lost that way stalled the first probe on a new path).
+    """
+
+    def __init__(self, channel: RTCDataChannel) -> None:
+        self.channel = channel
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.pending = 0
+        channel.on("message", self._message)
+        channel.on("close", lambda: self.queue.put_nowait(None))
+
+    def _message(self, message: bytes | str) -> None:
         data = message if isinstance(message, bytes) else message.encode()
-        pending += len(data)
-        if pending > MAX_PENDING_BYTES:  # the far side sends faster than TCP takes: it is not HTTP
-            channel.close()
-            incoming.put_nowait(None)
+        self.pending += len(data)
+        if self.pending > MAX_PENDING_BYTES:  # the far side sends faster than TCP takes: it is not HTTP
+            self.channel.close()
+            self.queue.put_nowait(None)
             return
-        incoming.put_nowait(data)
+        self.queue.put_nowait(data)
 
-    channel.on("message", on_message)
-    channel.on("close", lambda: incoming.put_nowait(None))
+
+async def pipe(inbox: Inbox, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Carry bytes both ways between an open data channel and a TCP connection until either side ends."""
+    channel = inbox.channel
     drained = asyncio.Event()
     channel.bufferedAmountLowThreshold = HIGH_WATER_BYTES // 2
     channel.on("bufferedamountlow", drained.set)
 
     async def to_tcp() -> None:
-        nonlocal pending
-        while (data := await incoming.get()) is not None:
-            pending -= len(data)
+        while (data := await inbox.queue.get()) is not None:
+            inbox.pending -= len(data)
             writer.write(data)
             await writer.drain()
 
@@ -289,9 +300,10 @@ class IceTunnel:
         try:
             self._channels += 1
             channel = self.pc.createDataChannel(f"{HTTP_LABEL}-{self._channels}")
+            inbox = Inbox(channel)
             async with asyncio.timeout(DEAD_AFTER_S * 2):
                 await _opened(channel)
-            await pipe(channel, reader, writer)
+            await pipe(inbox, reader, writer)
         except Exception as exc:  # the path died under this connection: the HTTP client sees it reset
             log.debug("a connection over the ICE path to %s ended: %s", self.peer_id, exc)
             writer.close()
@@ -356,12 +368,14 @@ class IceDialer:
         failures: list[str] = []
         for relay in phases:
             left = self.timeout_s - (time.monotonic() - started)
-            limit = left if relay else min(self.direct_timeout_s, left)
+            # The direct phase's limit counts from the answer: a slow DHT must not use up the checks' time.
+            checks_s = None if relay else self.direct_timeout_s
             try:
-                async with asyncio.timeout(limit):
-                    pc, control = await self._attempt(peer_id, relay)
+                async with asyncio.timeout(left):
+                    pc, control = await self._attempt(peer_id, relay, checks_s)
             except TimeoutError:
-                failures.append(f"{'through the relay' if relay else 'without a relay'}: no path in {limit:.1f} s")
+                limit = f"{checks_s:.1f} s of checks" if checks_s is not None else f"{left:.1f} s"
+                failures.append(f"{'through the relay' if relay else 'without a relay'}: no path in {limit}")
                 continue
             except IceFailed as exc:
                 if exc.refused:
@@ -395,7 +409,9 @@ class IceDialer:
                 tunnel.peer_id,
             )
 
-    async def _attempt(self, peer_id: str, relay: bool) -> tuple[RTCPeerConnection, RTCDataChannel]:
+    async def _attempt(
+        self, peer_id: str, relay: bool, checks_s: float | None = None
+    ) -> tuple[RTCPeerConnection, RTCDataChannel]:
         loop = asyncio.get_running_loop()
         pc = RTCPeerConnection(rtc_configuration(self.servers, relay))
         listening: Listening | None = None
@@ -427,7 +443,8 @@ class IceDialer:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
             except Exception as exc:  # a signed answer aiortc cannot use is still only that peer's failure
                 raise IceFailed(f"peer {peer_id}'s answer is unusable: {type(exc).__name__}") from exc
-            await _opened(control)
+            async with asyncio.timeout(checks_s):
+                await _opened(control)
             log.debug(
                 "ICE to %s (relay %s): gathered in %.2f s, answered %.2f s later, open %.2f s after that",
                 peer_id,
@@ -585,11 +602,12 @@ class IceService:
         if not channel.label.startswith(HTTP_LABEL):
             channel.close()
             return
-        task = asyncio.create_task(self._join(channel))
+        task = asyncio.create_task(self._join(Inbox(channel)))
         self._pipes.add(task)
         task.add_done_callback(self._pipes.discard)
 
-    async def _join(self, channel: RTCDataChannel) -> None:
+    async def _join(self, inbox: Inbox) -> None:
+        channel = inbox.channel
         try:
             async with asyncio.timeout(self.timeout_s):
                 reader, writer = await asyncio.open_connection(*self.target)
@@ -597,7 +615,7 @@ class IceService:
             log.warning("ICE: cannot reach this worker's own HTTP server at %s:%d (%s)", *self.target, exc)
             channel.close()
             return
-        await pipe(channel, reader, writer)
+        await pipe(inbox, reader, writer)
 
     async def _watch(self) -> None:
         while True:
