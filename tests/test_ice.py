@@ -338,3 +338,33 @@ def test_only_listed_servers_are_used_and_the_relay_only_in_the_second_phase() -
         ("stun:203.0.113.10:3478", None),
         ("turn:203.0.113.10:3478", "u"),
     ]
+
+
+def test_a_data_channel_neither_waits_for_a_slow_window_nor_fires_its_resend_timer_early() -> None:
+    """The SCTP settings ice.py gives every path (a mobile link: 200 ms round trip, 1% loss)."""
+    from types import SimpleNamespace
+
+    from aiortc.rtcsctptransport import USERDATA_MAX_LENGTH, RTCSctpTransport
+
+    import peerinfer.network.ice  # noqa: F401  # importing it tunes aiortc's SCTP
+
+    async def check() -> None:
+        sctp = RTCSctpTransport(SimpleNamespace(state="new"))  # type: ignore[arg-type]
+        assert sctp._cwnd == 10 * USERDATA_MAX_LENGTH  # 12 tokens in flight go out at once, not 3 packets
+        assert sctp._rto == 1.0  # a first request with a lost packet waits 1 s, not 3
+        for _ in range(100):
+            sctp._update_rto(0.2)  # a steady round trip: RTTVAR falls to nothing
+        steady = sctp._rto
+        assert steady == pytest.approx(0.4, abs=0.01)  # never just above the round trip itself
+        sctp._update_rto(0.05)
+        assert 0.2 < sctp._rto < 1.0  # a faster link gets a faster resend than SCTP's 1 s floor
+        sctp._rto = steady
+        sctp._t3_expired()
+        assert sctp._rto == pytest.approx(2 * steady)  # an expiry backs off, so a stalled path is not hammered
+        sctp._t3_expired()
+        assert sctp._rto == pytest.approx(4 * steady)
+        sctp._update_rto(0.2)
+        assert sctp._rto == pytest.approx(steady, abs=0.05)  # and a new sample brings it back
+        await asyncio.sleep(0)
+
+    asyncio.run(check())

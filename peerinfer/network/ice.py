@@ -68,6 +68,48 @@ log = logging.getLogger(__name__)
 # one packet lost on a new path (1% on a mobile link, or during ICE's last checks) stalled the first
 # request for 3 s. 1 s, SCTP's own floor, is what browsers' data channels start with too.
 rtcsctptransport.SCTP_RTO_INITIAL = 1.0
+# Once a round trip is measured SCTP's timeout is SRTT + 4 RTTVAR with a 1 s floor: a lost last
+# token (nothing follows it to trigger a fast retransmit) stalled the answer's end for 1 s on a
+# 1%-loss link. A plain 200 ms floor was worse on a steady 200 ms mobile round trip: RTTVAR shrinks
+# to nothing, the timer fires just before the SACK arrives, and each spurious expiry drops the window
+# to one packet. So the variance term gets the floor instead, as Linux does for TCP:
+# RTO = SRTT + max(4 RTTVAR, 200 ms), and an expiry doubles it until a new sample (RFC 9260 6.3.3),
+# which aiortc leaves out.
+RTO_VAR_FLOOR_S = 0.2
+# SCTP counts its congestion window in bytes and starts it at 3 full packets, but an answer is one
+# small message per token: at 60 tokens/s over a 200 ms mobile round trip 12 are in flight, more
+# than that window lets out, so tokens queued and each took 20 ms instead of 16. Start at 10
+# packets, as Linux TCP (RFC 6928) and browsers' SCTP do.
+INITIAL_CWND_PACKETS = 10
+_Sctp = rtcsctptransport.RTCSctpTransport
+_sctp_init = _Sctp.__init__
+_sctp_t3_expired = _Sctp._t3_expired
+
+
+def _sctp_init_wide(self: _Sctp, *args: object, **kwargs: object) -> None:
+    _sctp_init(self, *args, **kwargs)  # type: ignore[arg-type]
+    self._cwnd = INITIAL_CWND_PACKETS * rtcsctptransport.USERDATA_MAX_LENGTH
+
+
+def _sctp_update_rto(self: _Sctp, sample_s: float) -> None:
+    if self._srtt is None or self._rttvar is None:
+        self._srtt, self._rttvar = sample_s, sample_s / 2
+    else:
+        beta, alpha = rtcsctptransport.SCTP_RTO_BETA, rtcsctptransport.SCTP_RTO_ALPHA
+        self._rttvar = (1 - beta) * self._rttvar + beta * abs(self._srtt - sample_s)
+        self._srtt = (1 - alpha) * self._srtt + alpha * sample_s
+    rto = self._srtt + max(4 * self._rttvar, RTO_VAR_FLOOR_S)
+    self._rto = min(rto, rtcsctptransport.SCTP_RTO_MAX)
+
+
+def _sctp_t3_backoff(self: _Sctp) -> None:
+    self._rto = min(2 * self._rto, rtcsctptransport.SCTP_RTO_MAX)
+    _sctp_t3_expired(self)
+
+
+_Sctp.__init__ = _sctp_init_wide  # type: ignore[method-assign]
+_Sctp._update_rto = _sctp_update_rto  # type: ignore[method-assign,assignment]
+_Sctp._t3_expired = _sctp_t3_backoff  # type: ignore[method-assign]
 PathKind = Literal["direct", "hole-punched", "relayed"]
 CONTROL_LABEL = "peerinfer-ctl"
 HTTP_LABEL = "http"
