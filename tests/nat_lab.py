@@ -195,8 +195,13 @@ class NatLab:
         if done.returncode != 0:
             raise LabError(f"{router.name}: {tool} {' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}")
 
-    def shape(self, router: Host, delay_ms: float = 50.0, loss: float = 0.01, seed: int = 1) -> ShapedLink:
-        """Hold every packet ``router`` forwards ``delay_ms`` and drop ``loss`` of them (seeded), until stopped."""
+    def shape(
+        self, router: Host, delay_ms: float = 50.0, loss: float = 0.01, seed: int = 1, *, end_host: bool = False
+    ) -> ShapedLink:
+        """Hold every packet ``router`` forwards ``delay_ms`` and drop ``loss`` of them (seeded), until stopped.
+
+        ``end_host``: shape what ``router`` itself sends and receives (not loopback) instead, for a
+        host with no router of its own (``public_worker``): the same delay and loss each way."""
         queue = self._next_queue
         self._next_queue += 1
         argv = [sys.executable, "-m", "tests.link_shaper", "--queue", str(queue)]
@@ -205,10 +210,12 @@ class NatLab:
         link = ShapedLink(router, queue, process, [])
         self.links.append(link)
         self._wait_ready(link)
+        matches = [["INPUT", "!", "-i", "lo"], ["OUTPUT", "!", "-o", "lo"]] if end_host else [["FORWARD"]]
         for tool in ("iptables", "ip6tables"):
-            rule = [tool, "FORWARD", "-j", "NFQUEUE", "--queue-num", str(queue)]
-            self._iptables(router, tool, ["-t", "mangle", "-A", *rule[1:]])
-            link.rules.append(rule)
+            for match in matches:
+                rule = [tool, *match, "-j", "NFQUEUE", "--queue-num", str(queue)]
+                self._iptables(router, tool, ["-t", "mangle", "-A", *rule[1:]])
+                link.rules.append(rule)
         return link
 
     @staticmethod
