@@ -143,13 +143,25 @@ def test_forged_answers_are_skipped_and_the_signed_one_is_used(boot: DhtNode, ne
                     key,
                     make_answer(forged, impostor, time.time(), sdp=offer["sdp"], refused=None),
                 )
-                forger_node.put(key, b"{" * 3000)
             client_node.put(key, data)
 
         def listen(self, key: str, on_value: object) -> object:
             return client_node.listen(key, on_value)  # type: ignore[arg-type]
 
+    junk = b"{" * 3000
+
+    def junk_stored() -> None:
+        """Junk waits under the worker's key before any offer, so the client reads it before the answer.
+
+        Put next to the offer it raced the worker's answer, and a loaded machine sometimes finished
+        the path before the junk arrived (seen in CI), which proved nothing about the junk."""
+        forger_node.put(ice_key(identity.peer_id), junk)
+        deadline = time.monotonic() + 30.0
+        while junk not in client_node.get(ice_key(identity.peer_id), timeout_s=2.0):
+            assert time.monotonic() < deadline, "the junk value never became readable on the DHT"
+
     async def scenario() -> tuple[bytes, dict[str, int]]:
+        await asyncio.to_thread(junk_stored)
         server, port = await _echo_server()
         service = IceService(identity=identity, signalling=worker_node, target=("127.0.0.1", port))
         service.start()
