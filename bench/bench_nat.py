@@ -298,14 +298,9 @@ class Bench:
         raise SystemExit(f"the {name} worker did not announce itself:\n{log.read_text()[-3000:]}")
 
     def stop_worker(self, name: str) -> None:
-        process = self.workers.pop(name)
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        from tests.netns_lab import stop_process
+
+        stop_process(self.workers.pop(name))
 
     def agent(self, where: str) -> Agent:
         made = Agent(self.host(where), self.env(f"agent-{where}-{len(self.agents)}"), self.tmp / f"{where}.agent")

@@ -99,6 +99,21 @@ def _delete(netns: str) -> None:
     subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=COMMAND_TIMEOUT_S, check=False)
 
 
+def stop_process(process: subprocess.Popen[str], *, kill: bool = False, grace_s: float = 15.0) -> None:
+    """SIGTERM (or SIGKILL with ``kill``) ``process``, and SIGKILL it if it outlives ``grace_s``; waits."""
+    if process.poll() is not None:
+        return
+    if kill:
+        process.kill()
+    else:
+        process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 @dataclass
 class Bridge:
     """A Linux bridge ``br0`` alone in namespace ``netns``."""

@@ -28,7 +28,7 @@ import pytest
 from peerinfer.network.relay_config import RelayConfig
 from tests import turn_server
 from tests.nat_lab import NatLab, nat_lab_or_skip, shaper_unavailable
-from tests.netns_lab import Host
+from tests.netns_lab import Host, stop_process
 from tests.network_support import STORY
 from tests.turn_server import TurnServer
 
@@ -100,17 +100,8 @@ class Lab:
     def stop_worker(self, name: str, *, kill: bool = False) -> None:
         """A graceful stop (its record is withdrawn), or kill -9."""
         process = self.workers.pop(name, None)
-        if process is None or process.poll() is not None:
-            return
-        if kill:
-            process.kill()
-        else:
-            process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        if process is not None:
+            stop_process(process, kill=kill)
 
     def worker_log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text()[-4000:]
