@@ -40,6 +40,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from quantiles import quantile  # noqa: E402
+
 from peerinfer.network.dht import DhtNode  # noqa: E402
 
 NET = 0x47415445  # "GATE"
@@ -183,11 +185,6 @@ async def batch(urls: list[str], count: int, body: dict[str, object]) -> list[St
         return await asyncio.gather(*(stream(client, urls[i % len(urls)], body) for i in range(count)))
 
 
-def p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def ms(value: float) -> str:
     return f"{value * 1000:.1f}"
 
@@ -278,8 +275,8 @@ def carry(boot: DhtNode, tmp: Path, counts: list[int]) -> None:
             through = asyncio.run(batch([front.url], count, body))
             whole = sum(s.texts == direct[0].texts for s in through)
             gaps = {name: [g for s in got for g in s.gaps_s] for name, got in (("d", direct), ("g", through))}
-            p50 = (p(gaps["d"], 0.5), p(gaps["g"], 0.5))
-            p99 = (p(gaps["d"], 0.99), p(gaps["g"], 0.99))
+            p50 = (quantile(gaps["d"], 0.5), quantile(gaps["g"], 0.5))
+            p99 = (quantile(gaps["d"], 0.99), quantile(gaps["g"], 0.99))
             print(
                 f"| {count} | {ms(p50[0])} | {ms(p50[1])} | {ms(p50[1] - p50[0])} | {ms(p99[0])} | {ms(p99[1])} "
                 f"| {ms(p99[1] - p99[0])} | {whole}/{count} |"

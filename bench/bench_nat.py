@@ -60,6 +60,7 @@ AGENT = str(Path(__file__).resolve().with_name("nat_agent.py"))
 sys.path.insert(0, str(REPO))
 
 from nat_agent import RELAY, TOKENS_PER_S  # noqa: E402
+from quantiles import quantile  # noqa: E402
 
 BOOTSTRAP = ("198.51.100.1", 4222)
 RELAY_PORTS = (40000, 41999)
@@ -72,11 +73,6 @@ SIDES = {"client": "198.51.100.13", "cgnat": "198.51.100.12", "home": "198.51.10
 
 
 # --- the driver ----------------------------------------------------------------------------------
-
-
-def p(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def ms(value: float | None) -> str:
@@ -206,10 +202,10 @@ class Profile:
 
     def ttft(self, path: str, q: float = 0.5, conn: str = "reused") -> float:
         """TTFT of ``path`` over a new or a reused (kept-alive) HTTP connection."""
-        return p([s["ttft_s"] for s in self.streams[path] if s["conn"] == conn], q)
+        return quantile([s["ttft_s"] for s in self.streams[path] if s["conn"] == conn], q)
 
     def per_token(self, path: str, q: float = 0.5) -> float:
-        return p([s["per_token_s"] for s in self.streams[path] if s["per_token_s"] is not None], q)
+        return quantile([s["per_token_s"] for s in self.streams[path] if s["per_token_s"] is not None], q)
 
 
 class Bench:
@@ -426,7 +422,7 @@ def print_profile(profile: Profile) -> None:
         kinds = Counter(str(g["path"]) for g in got if g.get("path"))
         seen = f" ({', '.join(f'{n} {k}' for k, n in kinds.items())})" if kinds else ""
         print(
-            f"| {name} | {ms(p(times, 0.5))} | {ms(min(times))} | {ms(max(times))} | {' | '.join(parts)} "
+            f"| {name} | {ms(quantile(times, 0.5))} | {ms(min(times))} | {ms(max(times))} | {' | '.join(parts)} "
             f"| {len(got)}{seen} |"
         )
     for name, got in profile.setups.items():
@@ -561,8 +557,8 @@ def relay_load(bench: Bench, counts: list[int], window_s: float) -> dict[str, An
                 "cpu": (c1 - c0) / (t1 - t0),
                 "pps_in": packets / (t1 - t0),
                 "whole": sum(s["chars"] == max_tokens for s in good),
-                "tok_s_p50": p(rates, 0.5) if rates else 0.0,
-                "gap_p99": p(gaps, 0.99) if gaps else None,
+                "tok_s_p50": quantile(rates, 0.5) if rates else 0.0,
+                "gap_p99": quantile(gaps, 0.99) if gaps else None,
                 "errors": sorted({s["error"][:160] for s in streams if "error" in s})[:3],
                 "chars": sorted({s["chars"] for s in good})[:5],
             }

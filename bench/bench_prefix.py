@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import REPO, free_port, serve, servers, stream_completion, worker_env, write_results
+from quantiles import quantile
 
 sys.path.insert(0, str(REPO))
 from peerinfer.engine.model_files import open_model_file
@@ -103,11 +104,6 @@ def run_level(row: Row, url: str, concurrency: int, waves: int, max_tokens: int)
             thread.start()
         for thread in threads:
             thread.join()
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 def table(rows: list[Row]) -> str:

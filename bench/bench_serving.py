@@ -31,6 +31,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from quantiles import quantile  # noqa: E402
+
 from peerinfer.client.sse_parser import SSEParser  # noqa: E402
 from peerinfer.engine.model_files import open_model_file  # noqa: E402
 
@@ -95,13 +97,6 @@ class Row:
     def ok(self) -> list[Sample]:
         return [sample for sample in self.samples if sample.error is None]
 
-    def percentile(self, values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        if not ordered:
-            return float("nan")
-        index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-        return ordered[index]
-
     def summary(self) -> dict[str, float | int | str]:
         good = self.ok()
         ttfts = [sample.ttft_s for sample in good]
@@ -111,8 +106,8 @@ class Row:
             "system": self.label,
             "concurrency": self.concurrency,
             "requests": len(self.samples),
-            "ttft_p50_ms": 1000 * self.percentile(ttfts, 0.5),
-            "ttft_p90_ms": 1000 * self.percentile(ttfts, 0.9),
+            "ttft_p50_ms": 1000 * quantile(ttfts, 0.5),
+            "ttft_p90_ms": 1000 * quantile(ttfts, 0.9),
             "tpot_p50_ms": 1000 * (statistics.median(tpots) if tpots else float("nan")),
             "agg_tok_s": tokens / self.wall_s if self.wall_s else float("nan"),
             "errors": len(self.samples) - len(good),
