@@ -119,8 +119,8 @@ class Agent:
 
     def received(self, quiet_s: float = QUIET_S, want: int | None = None, limit_s: float = 30.0) -> list[Datagram]:
         """What arrived until ``quiet_s`` passed without a datagram; with ``want``, until that many
-        arrived or ``limit_s`` passed (a loaded machine stalled a link's Python shaper for over
-        ``quiet_s`` mid-run in CI, and the check read half the datagrams as lost)."""
+        arrived or ``limit_s`` passed (on a loaded machine the agents and the Python shaper can fall
+        behind by more than ``quiet_s``, and a quiet spell would read late datagrams as lost)."""
         got: list[Datagram] = []
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline and (want is None or len(got) < want):
