@@ -79,11 +79,28 @@ def ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}"
 
 
+OTHERS_CPU = "0"  # the CPU of what stands for other machines, unless --shared-cpus
+WORKER_CPUS: str | None = None  # the CPUs the workers keep to themselves; None with --shared-cpus
+
+
+def split_cpus(shared: bool) -> None:
+    """Give what stands for other machines CPU 0 and the workers the rest, each model one thread
+    per CPU it has. On 2 shared cores the client's own aiortc stack, the link shapers and the relay
+    (1.5-2.2 ms of CPU per token on an ICE path, 0.7 ms on plain TCP) ran on the model's cores and
+    were charged to the path, as they would never be on a real network."""
+    global WORKER_CPUS
+    count = os.cpu_count() or 1
+    WORKER_CPUS = None if shared or count < 2 else (f"1-{count - 1}" if count > 2 else "1")
+
+
 def other_machine(pid: int) -> None:
-    """Run ``pid`` (every thread) at a real-time priority: it stands for another machine (a router, the
-    relay, a client), so the model's two busy threads must not delay it. On one 2-core box a shaper
-    woken late by the scheduler added its lateness to every packet it held."""
+    """Run ``pid`` (every thread) at a real-time priority, on the others' CPU unless CPUs are shared:
+    it stands for another machine (a router, the relay, a client), so the model's busy threads must
+    not delay it. On one 2-core box a shaper woken late by the scheduler added its lateness to every
+    packet it held."""
     subprocess.run(["chrt", "-a", "-f", "-p", "10", str(pid)], check=True, capture_output=True, timeout=10)
+    if WORKER_CPUS is not None:
+        subprocess.run(["taskset", "-a", "-p", "-c", OTHERS_CPU, str(pid)], check=True, capture_output=True, timeout=10)
 
 
 class Agent:
@@ -237,6 +254,8 @@ class Bench:
             allow_peer_ranges=("198.51.100.0/24",),  # the lab's "Internet" is a documentation range
         )
         boot = [sys.executable, "-m", "peerinfer", "bootstrap", "--port", str(BOOTSTRAP[1]), "--host", BOOTSTRAP[0]]
+        if WORKER_CPUS is not None:
+            boot = ["taskset", "-c", OTHERS_CPU, *boot]
         with (tmp / "boot.log").open("w") as sink:
             self.lab.public.popen(
                 [*boot, "--network-id", str(self.net)], cwd=REPO, env=self.env("boot"), stdout=sink, stderr=sink
@@ -250,6 +269,18 @@ class Bench:
         self.relay = TurnServer.start(self.relay_config, workdir=tmp / "relay", popen=pinned)
         other_machine(self.relay.process.pid)
         self.counters = RelayCounters(self.lab.public)
+        if WORKER_CPUS is not None:
+            self.steer_packets()
+
+    def steer_packets(self) -> None:
+        """Process every packet the lab's veths receive on the others' CPU (RPS): the routing, NAT,
+        bridging and shaping a real network does on other machines. Without it a worker's own
+        send went on through its router, and that router's NAT and queue, on the worker's CPU."""
+        mask = format(1 << int(OTHERS_CPU), "x")
+        steer = "for q in /sys/class/net/*/queues/rx-*/rps_cpus; do case $q in */lo/*) ;; *) echo $0 > $q;; esac; done"
+        for netns in self.lab.net.netns:
+            argv = ["ip", "netns", "exec", netns, "sh", "-c", steer, mask]
+            subprocess.run(argv, check=True, capture_output=True, timeout=10)
 
     def host(self, name: str) -> Any:
         return getattr(self.lab, "public_worker" if name == "pubworker" else name)
@@ -274,6 +305,9 @@ class Bench:
 
     def start_worker(self, name: str, command: list[str], home: str | None = None, **extra: str) -> None:
         host = self.host(name)
+        if WORKER_CPUS is not None:
+            command = ["taskset", "-c", WORKER_CPUS, *command]
+            extra = {"PEERINFER_N_THREADS": str((os.cpu_count() or 2) - 1), **extra}
         with (self.tmp / f"{name}.log").open("w") as sink:
             self.workers[name] = host.popen(
                 command, cwd=REPO, env=self.env(home or name, **extra), stdout=sink, stderr=subprocess.STDOUT
@@ -707,7 +741,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench_nat: cannot run here: {reason}", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="peerinfer-bench-nat-"))
-    print(f"# NAT benchmark ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; logs in {tmp})\n")
+    split_cpus(args.shared_cpus)
+    cpus = "shared" if WORKER_CPUS is None else f"workers on CPU {WORKER_CPUS}, the rest on CPU {OTHERS_CPU}"
+    print(f"# NAT benchmark ({os.cpu_count()} CPUs, {cpus}; load average {os.getloadavg()[0]:.2f}; logs in {tmp})\n")
     bench = Bench(tmp)
     profiles: list[Profile] = []
     load = None
@@ -767,6 +803,11 @@ def main() -> int:
         "--direct-unshaped",
         action="store_true",
         help="on 4G, leave the public worker's own link clean (its direct path then crosses one lossy link)",
+    )
+    parser.add_argument(
+        "--shared-cpus",
+        action="store_true",
+        help="run the workers on every CPU, beside the client, shapers and relay (as before 2026-12-03)",
     )
     parser.add_argument("--chart", type=Path, default=None, help="write box plots and the relay-load curve here (PNG)")
     return run(parser.parse_args())

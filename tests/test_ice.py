@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -378,5 +379,117 @@ def test_a_data_channel_neither_waits_for_a_slow_window_nor_fires_its_resend_tim
         sctp._update_rto(0.2)
         assert sctp._rto == pytest.approx(steady, abs=0.05)  # and a new sample brings it back
         await asyncio.sleep(0)
+
+    asyncio.run(check())
+
+
+class _Wire:
+    """What an SCTP association hands its DTLS transport, parsed back into chunks."""
+
+    state = "new"
+
+    def __init__(self) -> None:
+        self.chunks: list[Any] = []
+
+    async def _send_data(self, data: bytes) -> None:
+        from aiortc.rtcsctptransport import parse_packet
+
+        self.chunks.extend(parse_packet(data)[3])
+
+    def sacks(self) -> list[tuple[int, list[tuple[int, int]], list[int]]]:
+        from aiortc.rtcsctptransport import SackChunk
+
+        return [(c.cumulative_tsn, list(c.gaps), list(c.duplicates)) for c in self.chunks if isinstance(c, SackChunk)]
+
+    def data(self) -> int:
+        from aiortc.rtcsctptransport import DataChunk
+
+        return sum(isinstance(c, DataChunk) for c in self.chunks)
+
+
+def _association(wire: _Wire) -> Any:
+    from aiortc.rtcsctptransport import RTCSctpTransport
+
+    import peerinfer.network.ice  # noqa: F401  # importing it tunes aiortc's SCTP
+
+    sctp = RTCSctpTransport(wire)  # type: ignore[arg-type]
+    sctp._association_state = RTCSctpTransport.State.ESTABLISHED
+    sctp._remote_verification_tag, sctp._remote_port = 7, 5000
+    sctp._last_received_tsn = 99
+    return sctp
+
+
+def _packet(sctp: Any, tsn: int) -> bytes:
+    from aiortc.rtcsctptransport import SCTP_DATA_FIRST_FRAG, SCTP_DATA_LAST_FRAG, DataChunk, serialize_packet
+
+    chunk = DataChunk(flags=SCTP_DATA_FIRST_FRAG | SCTP_DATA_LAST_FRAG)
+    chunk.tsn, chunk.stream_id, chunk.stream_seq, chunk.protocol = tsn, 1, tsn - 100, 51
+    chunk.user_data = b"token"
+    return serialize_packet(5000, 5000, sctp._local_verification_tag, chunk)
+
+
+def test_a_receiver_acknowledges_every_second_packet_but_reports_loss_at_once() -> None:
+    """One SACK per token was a datagram per token for the relay and both ends: half of them go."""
+    from peerinfer.network.ice import SACK_DELAY_S
+
+    async def check() -> None:
+        wire = _Wire()
+        sctp = _association(wire)
+        await sctp._handle_data(_packet(sctp, 100))
+        assert wire.sacks() == []  # a first packet waits for a second
+        await sctp._handle_data(_packet(sctp, 101))
+        assert wire.sacks() == [(101, [], [])]  # which is acknowledged with it
+        await sctp._handle_data(_packet(sctp, 102))
+        assert wire.sacks() == [(101, [], [])]
+        await asyncio.sleep(SACK_DELAY_S * 3)
+        assert wire.sacks()[-1] == (102, [], [])  # a lone last packet is acknowledged after the delay
+        await sctp._handle_data(_packet(sctp, 104))  # 103 is lost
+        assert wire.sacks()[-1] == (102, [(2, 2)], [])  # the gap is reported at once: fast retransmit
+        await sctp._handle_data(_packet(sctp, 105))
+        assert wire.sacks()[-1] == (102, [(2, 3)], [])  # and again with each packet while it lasts
+        await sctp._handle_data(_packet(sctp, 103))
+        assert wire.sacks()[-1] == (105, [], [])  # its filling too, so the sender stops resending
+        await sctp._handle_data(_packet(sctp, 101))
+        assert wire.sacks()[-1] == (105, [], [101])  # a duplicate (a resend that was not needed) too
+        count = len(wire.sacks())
+        await sctp._handle_data(_packet(sctp, 106))
+        sctp._association_state = type(sctp).State.CLOSED
+        await asyncio.sleep(SACK_DELAY_S * 3)
+        assert len(wire.sacks()) == count  # a closed association's pending SACK is dropped, not sent
+
+    asyncio.run(check())
+
+
+def test_a_window_left_at_one_packet_by_a_lost_heartbeat_opens_again_after_an_idle_spell() -> None:
+    """After a timer expiry the window is one packet, and it grows only while full: a path that then
+    carried nothing but heartbeats started its next answer a round trip per 4 tokens."""
+    from aiortc.rtcsctptransport import USERDATA_MAX_LENGTH, SackChunk
+
+    async def check() -> None:
+        wire = _Wire()
+        sctp = _association(wire)
+        sctp._rto = 0.05
+        await sctp._send(stream_id=1, pp_id=51, user_data=b"heartbeat")
+        sctp._t3_cancel()
+        sctp._t3_expired()  # the heartbeat was lost
+        await asyncio.sleep(0)
+        assert sctp._cwnd == USERDATA_MAX_LENGTH
+        sack = SackChunk()
+        sack.cumulative_tsn, sack.advertised_rwnd = sctp._sent_queue[-1].tsn, 1 << 20
+        await sctp._receive_sack_chunk(sack)  # its resend arrives; nothing is in flight now
+        sent = wire.data()
+        for _ in range(16):
+            await sctp._send(stream_id=1, pp_id=51, user_data=b"x" * 300)
+        assert wire.data() - sent == 4  # used again at once: still one packet's worth (busy, not idle)
+        while sctp._sent_queue:  # all of them acknowledged, then nothing more to send
+            sack.cumulative_tsn = sctp._sent_queue[-1].tsn
+            await sctp._receive_sack_chunk(sack)
+        sctp._cwnd, sctp._rto = USERDATA_MAX_LENGTH, 0.05  # as the lost heartbeat left it
+        await asyncio.sleep(sctp._rto * 3)  # idle for more than a timeout
+        sent = wire.data()
+        for _ in range(16):
+            await sctp._send(stream_id=1, pp_id=51, user_data=b"x" * 300)
+        assert wire.data() - sent == 16  # 4 packets' worth go out at once
+        assert sctp._cwnd == 4 * USERDATA_MAX_LENGTH
 
     asyncio.run(check())

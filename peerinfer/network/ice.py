@@ -36,6 +36,7 @@ import contextlib
 import logging
 import secrets
 import time
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,14 +82,41 @@ RTO_VAR_FLOOR_S = 0.2
 # than that window lets out, so tokens queued and each took 20 ms instead of 16. Start at 10
 # packets, as Linux TCP (RFC 6928) and browsers' SCTP do.
 INITIAL_CWND_PACKETS = 10
+# aiortc acknowledges every packet at once: one SACK per token, each a datagram the relay forwards
+# and both ends encrypt, decrypt and parse. A receiver acknowledges every second packet instead, or
+# SACK_DELAY_S after a lone one, and at once whenever something is missing, duplicated or just
+# filled in, so that loss is still reported without delay (RFC 9260 6.2, as TCP's delayed ACK).
+SACK_DELAY_S = 0.05
+# A window that has not been used for a retransmission timeout keeps what it was. After one lost
+# heartbeat (nothing follows it, so its timer fires) that was a single packet, which then never grew,
+# since a window grows only while it is full: the next answer's first tokens waited a round trip
+# for each few. RFC 9260 7.2.1: after an idle RTO the window is max(cwnd / 2, 4 packets).
+IDLE_CWND_PACKETS = 4
 _Sctp = rtcsctptransport.RTCSctpTransport
 _sctp_init = _Sctp.__init__
 _sctp_t3_expired = _Sctp._t3_expired
+_sctp_send_sack = _Sctp._send_sack
+_sctp_transmit = _Sctp._transmit
+_sctp_receive_sack = _Sctp._receive_sack_chunk
+
+
+@dataclass
+class _SctpExtra:
+    """What the overrides below keep per association, beside aiortc's own fields."""
+
+    unsacked: int = 0  # packets with DATA received since the last SACK
+    gap_reported: bool = False  # the last SACK listed a gap
+    sack_timer: asyncio.TimerHandle | None = None
+    idle_since: float | None = None  # when the last outstanding chunk was acknowledged
+
+
+_extra: weakref.WeakKeyDictionary[_Sctp, _SctpExtra] = weakref.WeakKeyDictionary()
 
 
 def _sctp_init_wide(self: _Sctp, *args: object, **kwargs: object) -> None:
     _sctp_init(self, *args, **kwargs)  # type: ignore[arg-type]
     self._cwnd = INITIAL_CWND_PACKETS * rtcsctptransport.USERDATA_MAX_LENGTH
+    _extra[self] = _SctpExtra()
 
 
 def _sctp_update_rto(self: _Sctp, sample_s: float) -> None:
@@ -107,9 +135,64 @@ def _sctp_t3_backoff(self: _Sctp) -> None:
     _sctp_t3_expired(self)
 
 
+async def _sctp_sack_now(self: _Sctp) -> None:
+    extra = _extra[self]
+    if extra.sack_timer is not None:
+        extra.sack_timer.cancel()
+    extra.sack_timer, extra.unsacked, extra.gap_reported = None, 0, bool(self._sack_misordered)
+    await _sctp_send_sack(self)
+
+
+def _sctp_sack_due(self: _Sctp) -> None:
+    _extra[self].sack_timer = None
+    if self._sack_needed and self._association_state == _Sctp.State.ESTABLISHED:
+        asyncio.ensure_future(_sctp_sack_now(self)).add_done_callback(_sctp_sack_sent)
+
+
+def _sctp_sack_sent(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.debug("a delayed SACK was not sent: %s", error)  # the path is closing; its heartbeat will say
+
+
+async def _sctp_send_sack_delayed(self: _Sctp) -> None:
+    """Called by aiortc after each packet with DATA in it: SACK now, or within SACK_DELAY_S."""
+    extra = _extra[self]
+    extra.unsacked += 1
+    gap = bool(self._sack_misordered)
+    if (
+        gap
+        or extra.gap_reported  # the gap it reported is filled (or moved): say so at once
+        or self._sack_duplicates
+        or extra.unsacked >= 2
+        or self._association_state != _Sctp.State.ESTABLISHED
+    ):
+        await _sctp_sack_now(self)
+    elif extra.sack_timer is None:
+        extra.sack_timer = asyncio.get_running_loop().call_later(SACK_DELAY_S, _sctp_sack_due, self)
+
+
+async def _sctp_receive_sack_noting_idle(self: _Sctp, chunk: rtcsctptransport.SackChunk) -> None:
+    await _sctp_receive_sack(self, chunk)
+    extra = _extra[self]
+    if not self._sent_queue and extra.idle_since is None:
+        extra.idle_since = time.monotonic()
+
+
+async def _sctp_transmit_after_idle(self: _Sctp) -> None:
+    extra = _extra[self]
+    if self._outbound_queue and not self._sent_queue and extra.idle_since is not None:
+        for _ in range(int((time.monotonic() - extra.idle_since) / self._rto)):
+            self._cwnd = max(self._cwnd // 2, IDLE_CWND_PACKETS * rtcsctptransport.USERDATA_MAX_LENGTH)
+        extra.idle_since = None
+    await _sctp_transmit(self)
+
+
 _Sctp.__init__ = _sctp_init_wide  # type: ignore[method-assign]
 _Sctp._update_rto = _sctp_update_rto  # type: ignore[method-assign,assignment]
 _Sctp._t3_expired = _sctp_t3_backoff  # type: ignore[method-assign]
+_Sctp._send_sack = _sctp_send_sack_delayed  # type: ignore[method-assign]
+_Sctp._receive_sack_chunk = _sctp_receive_sack_noting_idle  # type: ignore[method-assign]
+_Sctp._transmit = _sctp_transmit_after_idle  # type: ignore[method-assign]
 PathKind = Literal["direct", "hole-punched", "relayed"]
 CONTROL_LABEL = "peerinfer-ctl"
 HTTP_LABEL = "http"
