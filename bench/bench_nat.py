@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/bench_nat.py [--rounds 10] [--tokens 64] [--only clean|4g|relay-load]
                                              [--setup-rounds 5] [--streams 16,64,256] [--chart bench/nat.png]
+                                             [--shared-cpus] [--direct-unshaped]
 
 Runs the NAT lab of ``tests/nat_lab.py`` (needs root, iptables, coturn; the 4G profile needs
 netfilterqueue). ``public`` holds the bootstrap node and coturn, pinned to one core (``taskset -c 0``,
@@ -11,8 +12,9 @@ asked: in ``pubworker`` (a public address), ``home`` (behind an endpoint-indepen
 turned off so that ICE must punch the IPv4 NAT) and ``cgnat`` (behind a symmetric NAT). A measuring
 agent (``bench/nat_agent.py``) runs in ``client`` behind its own NAT, one more in ``cgnat`` for the
 local row. Both hold their paths open across rounds. What stands for another machine (the agents,
-coturn, the link shapers) runs at a real-time priority (``chrt -f 10``), so the model's two busy
-threads do not delay it: the workers keep both cores, as on a machine of their own.
+coturn, the link shapers, the bootstrap, and by RPS the lab's packet forwarding) runs on CPU 0 at a
+real-time priority (``chrt -f 10``); the workers keep the other CPUs, a model thread for each, as on a
+machine of their own (``--shared-cpus``: everything on every CPU, as before 2026-12-03).
 
 - paths: local (the cgnat agent to 127.0.0.1:8000), direct (the pubworker's http:// URL),
   hole-punched (home, ice://) and relayed (cgnat, ice://). Each round sends one streamed chat
