@@ -181,8 +181,9 @@ async def _sctp_receive_sack_noting_idle(self: _Sctp, chunk: rtcsctptransport.Sa
 async def _sctp_transmit_after_idle(self: _Sctp) -> None:
     extra = _extra[self]
     if self._outbound_queue and not self._sent_queue and extra.idle_since is not None:
-        for _ in range(int((time.monotonic() - extra.idle_since) / self._rto)):
-            self._cwnd = max(self._cwnd // 2, IDLE_CWND_PACKETS * rtcsctptransport.USERDATA_MAX_LENGTH)
+        halvings = min(int((time.monotonic() - extra.idle_since) / self._rto), 32)  # hours idle: 32, not 9000
+        floor = IDLE_CWND_PACKETS * rtcsctptransport.USERDATA_MAX_LENGTH
+        self._cwnd = max(self._cwnd >> halvings, floor) if halvings else self._cwnd
         extra.idle_since = None
     await _sctp_transmit(self)
 
