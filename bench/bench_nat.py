@@ -83,6 +83,7 @@ def ms(value: float | None) -> str:
 
 OTHERS_CPU = "0"  # the CPU of what stands for other machines, unless --shared-cpus
 WORKER_CPUS: str | None = None  # the CPUs the workers keep to themselves; None with --shared-cpus
+WORKER_THREADS = 1  # a model thread per worker CPU
 
 
 def split_cpus(shared: bool) -> None:
@@ -90,9 +91,10 @@ def split_cpus(shared: bool) -> None:
     per CPU it has. On 2 shared cores the client's own aiortc stack, the link shapers and the relay
     (1.5-2.2 ms of CPU per token on an ICE path, 0.7 ms on plain TCP) ran on the model's cores and
     were charged to the path, as they would never be on a real network."""
-    global WORKER_CPUS
+    global WORKER_CPUS, WORKER_THREADS
     count = os.cpu_count() or 1
-    WORKER_CPUS = None if shared or count < 2 else (f"1-{count - 1}" if count > 2 else "1")
+    WORKER_CPUS = None if shared or count < 2 else f"1-{count - 1}"
+    WORKER_THREADS = count - 1
 
 
 def other_machine(pid: int) -> None:
@@ -309,7 +311,7 @@ class Bench:
         host = self.host(name)
         if WORKER_CPUS is not None:
             command = ["taskset", "-c", WORKER_CPUS, *command]
-            extra = {"PEERINFER_N_THREADS": str((os.cpu_count() or 2) - 1), **extra}
+            extra = {"PEERINFER_N_THREADS": str(WORKER_THREADS), **extra}
         with (self.tmp / f"{name}.log").open("w") as sink:
             self.workers[name] = host.popen(
                 command, cwd=REPO, env=self.env(home or name, **extra), stdout=sink, stderr=subprocess.STDOUT
