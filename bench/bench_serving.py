@@ -296,6 +296,16 @@ def servers(model: Path, threads: int, n_ctx: int, slots: int) -> dict[str, Call
     worker = [str(REPO / ".venv/bin/python"), "-m", "uvicorn", "worker:app", "--host", "127.0.0.1"]
     entries: dict[str, Callable[[int], list[str]]] = {
         "peerinfer worker": lambda port: [*worker, "--port", str(port), "--log-level", "warning"],
+        # The same worker with stock ggml attention (a bf16 cache keeps it invariant): what the patch buys.
+        "peerinfer worker, bf16 cache (stock attention)": lambda port: [
+            "env",
+            "GGML_CPU_FA_ROW_EXACT=0",
+            *worker,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         # The same worker with llama.cpp's repacked weights: faster, but batched text may differ.
         "peerinfer worker, batch_invariant=false": lambda port: [
             "env",

@@ -175,6 +175,16 @@ class WorkerSettings(ServerSettings):
         le=8192,
         description="Prompt tokens decoded per step, in a call of their own between generation steps.",
     )
+    prompt_share: float = Field(
+        default=0.5,
+        ge=0.05,
+        le=1.0,
+        description=(
+            "While other streams generate, the most of the decoding time that reading a long prompt may take "
+            "(after its first chunk): their time per token grows by at most 1 / (1 - share), x2 at 0.5. "
+            "1.0 reads a chunk every step, whatever it costs them."
+        ),
+    )
     prefix_cache: bool = Field(
         default=True,
         description=(
@@ -196,7 +206,8 @@ class WorkerSettings(ServerSettings):
         description=(
             "Same text for a request whether it runs alone or batched, and however its prompt is cut into calls: "
             "turns off repacked weights and ggml's tiled K-quant matmul (GGML_CPU_TILED_MM=0, process-wide) "
-            "and keeps the KV cache in bf16 (long prompts read ~15% slower)."
+            "and sends every attention row through one kernel (peerinfer's patch to ggml, GGML_CPU_FA_ROW_EXACT=1; "
+            "without the patch the KV cache is kept in bf16 and long prompts read 1.3-1.5x slower)."
         ),
     )
     top_k: int = Field(

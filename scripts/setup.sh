@@ -28,7 +28,10 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 llama_version=$(sed -n 's/^llama-cpp-python==\([^ ;]*\).*/\1/p' requirements.txt)
 cmake_args="${PEERINFER_CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 platform=$(.venv/bin/python -c 'import sys, sysconfig; print(sysconfig.get_platform(), sys.version_info[:2])')
-key=$(printf '%s|%s|%s' "$llama_version" "$cmake_args" "$platform" | sha256sum | cut -c1-16)
+# peerinfer's own changes to the llama.cpp it vendors (see the top of each file); a change rebuilds.
+patches=(scripts/llama-cpp-patches/*.patch)
+patches_sum=$(cat "${patches[@]}" | sha256sum | cut -c1-16)
+key=$(printf '%s|%s|%s|%s' "$llama_version" "$cmake_args" "$platform" "$patches_sum" | sha256sum | cut -c1-16)
 wheel_cache="${PEERINFER_WHEEL_CACHE:-$HOME/.cache/peerinfer/wheels}"
 wheel_dir="$wheel_cache/llama-cpp-python-$llama_version-$key"
 # An interrupted build leaves $work_dir (source, cmake's build tree, log); the next run resumes there.
@@ -59,6 +62,11 @@ build_wheel() {
     mkdir -p "$work_dir/sdist" "$work_dir/src.tmp"
     "${pip[@]}" download --no-deps --no-binary :all: "llama-cpp-python==$llama_version" -d "$work_dir/sdist"
     tar -xzf "$work_dir"/sdist/llama_cpp_python-*.tar.gz -C "$work_dir/src.tmp"
+    # git apply works outside a repository too; it refuses a patch that does not fit, whole.
+    for patch in "${patches[@]}"; do
+      git -C "$work_dir/src.tmp/llama_cpp_python-$llama_version/vendor/llama.cpp" apply -p1 "$PWD/$patch"
+      echo "setup: applied $patch" >&2
+    done
     mv "$work_dir/src.tmp" "$work_dir/src" # a rename: $src exists only once it is whole
     rm -rf "$work_dir/sdist"
   fi

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from peerinfer.engine.llama import LlamaBackend
+from peerinfer.engine.llama import LlamaBackend, _row_exact_attention
 from peerinfer.engine.model_files import open_model_file
 from peerinfer.engine.scheduler import SlotWork
 from tests.conftest import worker_settings
@@ -69,3 +69,15 @@ def test_tokens_decoded_one_per_call_give_the_logits_of_a_prompt_read(
 ) -> None:
     one_by_one = _last_logits(backend, tokens, [*_chunks(LENGTH - generated), *([1] * generated)])
     assert np.array_equal(reference, one_by_one)
+
+
+def test_the_invariant_worker_keeps_an_f16_cache_with_the_attention_patch_setup_applies(backend: LlamaBackend) -> None:
+    # scripts/setup.sh builds llama.cpp with scripts/llama-cpp-patches/; without the patch this backend
+    # would fall back to a bf16 cache (invariant too, but long prompts read 1.3-1.5x slower).
+    assert backend.kv_cache == "f16"
+
+
+def test_a_users_row_exact_zero_keeps_the_stock_attention_and_a_bf16_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _row_exact_attention()  # this build has the patch
+    monkeypatch.setenv("GGML_CPU_FA_ROW_EXACT", "0")
+    assert not _row_exact_attention()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Mapping, Sequence
 
 import pytest
 
 from peerinfer.engine.base import Finished, Generation, SamplingParams, TextDelta, deliver
+from peerinfer.engine.batching import PromptShare
 from peerinfer.engine.scheduler import BatchScheduler, Sampled, SlotWork
 from peerinfer.errors import EngineError
 
@@ -447,3 +449,82 @@ def test_with_a_cut_invariant_backend_reuse_ends_on_any_token_and_takes_in_the_a
     assert (first.cached_tokens, second.cached_tokens, third.cached_tokens) == (0, 24, 19)
     reads = [call for call in backend.calls if any(size > 1 for _, _, size in call)]
     assert reads[-2:] == [[(0, 24, 2)], [(0, 19, 2)]]
+
+
+class CostedBackend(RecordingBackend):
+    """A prompt chunk costs 8 clock units, a generation call 1; the long request replies at length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
+        self.replies[slot] = [ord("a")] * 200 + [0]
+        return keep
+
+    def decode(self, work: Sequence[SlotWork], spare: Mapping[int, int]) -> dict[int, Sampled]:
+        self.now += 8.0 if any(len(item.tokens) > 1 for item in work) else 1.0
+        return super().decode(work, spare)
+
+
+def _read_while_streaming(share: float) -> tuple[list[list[tuple[int, int, int]]], float]:
+    """A stream in slot 0 generates while a 40-token prompt (10 chunks of 4) is read in slot 1.
+
+    Returns the calls and the stream's mean time per token (clock units) while that prompt was read.
+    """
+    backend = CostedBackend()
+    scheduler = BatchScheduler(backend, slots=2, max_queue=4, prefill_chunk=4, prompt_share=share, clock=backend.clock)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        stream = Generation([1], SamplingParams(max_tokens=150), loop)
+        long = Generation(list(range(1, 41)), SamplingParams(max_tokens=1), loop)
+        scheduler.submit(stream)  # slot 0; its one-token prompt is read first, then it generates
+        scheduler.submit(long)  # slot 1
+        scheduler.start()
+        for generation in (long, stream):
+            async for _ in generation.stream():
+                pass
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    calls = backend.calls
+    reads = [index for index, call in enumerate(calls) if any(slot == 1 and size > 1 for slot, _, size in call)]
+    window = calls[reads[0] : reads[-1] + 1]
+    tokens = sum(1 for call in window if any(slot == 0 for slot, _, _ in call))
+    cost = sum(8.0 if any(size > 1 for _, _, size in call) else 1.0 for call in window)
+    return calls, cost / tokens
+
+
+def test_a_long_prompt_read_at_most_doubles_a_running_streams_time_per_token() -> None:
+    calls, per_token = _read_while_streaming(0.5)
+    # Alone, a token costs 1 unit. The prompt's 10 chunks cost 8 each: at most half the time goes to them.
+    assert per_token <= 2.0 + 8.0 / 10  # the bound, plus one chunk's rounding over the read
+    # The whole prompt is still read, in order, in calls of its own.
+    reads = [call for call in calls if any(slot == 1 and size > 1 for slot, _, size in call)]
+    assert reads == [[(1, start, 4)] for start in range(0, 40, 4)]
+
+
+def test_with_the_share_at_one_a_chunk_goes_every_step_whatever_it_costs_the_stream() -> None:
+    calls, per_token = _read_while_streaming(1.0)
+    reads = [index for index, call in enumerate(calls) if any(slot == 1 and size > 1 for slot, _, size in call)]
+    assert [b - a for a, b in itertools.pairwise(reads)] == [2] * 9  # chunk, token, chunk, token, ...
+    assert per_token > 8.0
+
+
+def test_a_prompts_first_chunk_waits_for_no_debt_and_nothing_waits_when_nothing_generates() -> None:
+    share = PromptShare(0.5).after_chunk(10.0, generating=True)
+    assert not share.may_read(generating=True, first_chunk=False)
+    assert share.may_read(generating=True, first_chunk=True)
+    assert share.may_read(generating=False, first_chunk=False)
+    # Generation time pays the debt back one for one at 0.5 (three for one at 0.75).
+    assert share.after_generation(4.0).debt_s == 6.0
+    assert PromptShare(0.75, 9.0).after_generation(1.0).debt_s == 6.0
+    assert share.after_generation(40.0).debt_s == 0.0  # no credit is banked for later
+    # Reading while nothing generates costs no one anything.
+    assert PromptShare(0.5).after_chunk(10.0, generating=False).debt_s == 0.0

@@ -120,3 +120,32 @@ def outputs_in_batch_order(tokens_per_sequence: Sequence[int]) -> bool:
     logits in computed order, so it takes only calls for which the two agree.
     """
     return len(tokens_per_sequence) == 1 or all(count == 1 for count in tokens_per_sequence)
+
+
+@dataclass(frozen=True)
+class PromptShare:
+    """How much of the decoding thread's time reading prompts may take while other streams generate.
+
+    ``debt_s``: prompt-reading time, done while some stream was generating, that generation time has
+    not yet paid for. A prompt's later chunks wait until it is paid, so over a long read the running
+    streams' time per token grows by at most 1 / (1 - ``share``): x2 at 0.5. A prompt's first chunk
+    never waits (a short prompt's first token is not held up behind a long one), and with nothing
+    generating prompts read back to back. ``share`` 1 turns the limit off.
+    """
+
+    share: float = 1.0
+    debt_s: float = 0.0
+
+    def may_read(self, generating: bool, first_chunk: bool) -> bool:
+        return first_chunk or not generating or self.share >= 1.0 or self.debt_s <= 0.0
+
+    def after_chunk(self, seconds: float, generating: bool) -> PromptShare:
+        if not generating or self.share >= 1.0:
+            return self
+        return PromptShare(self.share, self.debt_s + max(0.0, seconds))
+
+    def after_generation(self, seconds: float) -> PromptShare:
+        if self.share >= 1.0 or self.debt_s <= 0.0:
+            return self
+        paid = max(0.0, seconds) * self.share / (1.0 - self.share)
+        return PromptShare(self.share, max(0.0, self.debt_s - paid))

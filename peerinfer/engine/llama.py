@@ -52,7 +52,8 @@ from peerinfer.errors import EngineError, RequestError
 from peerinfer.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-_GGML_TYPE_BF16 = 30  # ggml.h's enum ggml_type; llama-cpp-python does not export this one
+_GGML_TYPE_F16 = 1  # ggml.h's enum ggml_type
+_GGML_TYPE_BF16 = 30  # llama-cpp-python does not export this one
 _llama_log = logging.getLogger("peerinfer.llama_cpp")
 
 
@@ -65,6 +66,21 @@ def _ggml_base_library() -> Path:
     # llama_cpp loads its libraries from one folder (LLAMA_CPP_LIB_PATH or its own lib/)
     folder = Path(getattr(lc.llama_cpp, "_base_path", Path(lc.__file__).parent / "lib"))
     return folder / "libggml-base.so"
+
+
+def _row_exact_attention() -> bool:
+    """Whether the loaded ggml has scripts/llama-cpp-patches/ggml-fa-row-exact.patch (and it is not turned off).
+
+    With it, ``GGML_CPU_FA_ROW_EXACT=1`` sends every query row of an f16 cache through one flash-attention
+    kernel, so an f16 cache is batch-invariant. A user's ``GGML_CPU_FA_ROW_EXACT=0`` keeps the bf16 cache.
+    """
+    if os.environ.get("GGML_CPU_FA_ROW_EXACT", "1") == "0":
+        return False
+    try:
+        library = ctypes.CDLL(str(_ggml_base_library().with_name("libggml-cpu.so")))
+    except OSError:
+        return False
+    return hasattr(library, "ggml_cpu_fa_row_exact")
 
 
 # llama_token_data as numpy sees it: a whole vocabulary of candidates for the grammar's slow path
@@ -194,13 +210,19 @@ class LlamaBackend:
         ctx_params.n_threads = settings.n_threads
         ctx_params.n_threads_batch = settings.n_threads
         ctx_params.kv_unified = False
+        self.kv_cache = "f16"
         if settings.batch_invariant:
-            # With an f16 (or f32) KV cache, llama.cpp's CPU flash attention decodes a sequence that is
-            # alone in its step with a split-KV kernel once 512+ cells are cached (two threads' partial
-            # softmaxes, then merged), and batched sequences with the one-pass kernel: logits differed
-            # by up to 0.75. A bf16 cache takes the one-pass kernel always; decode speed measured the
-            # same, but long prompts read ~15% slower (no tiled kernel for them either).
-            ctx_params.type_k = ctx_params.type_v = _GGML_TYPE_BF16
+            # Stock ggml's CPU flash attention over an f16 (or f32) cache takes one kernel for calls of
+            # 64+ rows of a sequence (tiled), another for fewer (one row at a time), and a third for a
+            # sequence alone in its step with 512+ cells cached (split across threads, then merged):
+            # logits differed by up to 0.75. Our patch sends every row through the tiled one; without
+            # it a bf16 cache, which only the one-row kernel takes, is invariant but reads long prompts
+            # 1.3-1.5x slower.
+            if _row_exact_attention():
+                os.environ["GGML_CPU_FA_ROW_EXACT"] = "1"  # read by ggml once, at its first attention
+            else:
+                ctx_params.type_k = ctx_params.type_v = _GGML_TYPE_BF16
+                self.kv_cache = "bf16 (this llama.cpp lacks peerinfer's attention patch)"
         ctx_params.no_perf = True
         if self._head is not None:
             self._eval_callback = lc.ggml_backend_sched_eval_callback(self._head.eval_address)
@@ -672,6 +694,7 @@ class LlamaEngine:
             reuse_prompts=settings.prefix_cache,
             cut_invariant=settings.batch_invariant,
             first_token_pause_s=settings.first_token_pause_ms / 1000,
+            prompt_share=settings.prompt_share,
         )
         try:
             step_ms = scheduler.start(prepare=lambda: backend.calibrate(self._pad_rows)) or {}
@@ -683,10 +706,11 @@ class LlamaEngine:
         self._scheduler = scheduler
         padded = sorted(backend.pad_rows)
         log.info(
-            "decode step by rows: %s ms%s; output product: %s",
+            "decode step by rows: %s ms%s; output product: %s; KV cache: %s",
             ", ".join(f"{rows}: {ms:.1f}" for rows, ms in step_ms.items()),
             f"; steps of {padded} rows get a throw-away row in a free slot (cheaper)" if padded else "",
             backend.head_status,
+            backend.kv_cache,
         )
 
     def tokenize(self, prompt: str | Sequence[PromptPart], *, add_bos: bool) -> list[int]:

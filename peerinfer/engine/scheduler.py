@@ -11,7 +11,8 @@ Each step it:
 3. decodes one fixed-size chunk of the oldest unread prompt in a call of its own, then one token
    for every generating slot (including one whose prompt that chunk finished) in one batch, so a
    long prompt never stalls the running streams for more than one chunk, and its chunks are the
-   same whatever else runs;
+   same whatever else runs. While streams generate, a prompt's later chunks take at most
+   ``prompt_share`` of the time (``PromptShare``): the streams' time per token at most doubles at 0.5;
 4. samples per slot and turns token bytes into text deltas (with the log-probabilities of their tokens);
 5. after a call that gave some stream its first text, pauses ``first_token_pause_s`` before the next one.
 
@@ -55,7 +56,7 @@ from peerinfer.engine.base import (
     TopLogprob,
     deliver,
 )
-from peerinfer.engine.batching import choose_slot, reusable_prefix
+from peerinfer.engine.batching import PromptShare, choose_slot, reusable_prefix
 from peerinfer.engine.text import TextAssembler
 from peerinfer.engine.throughput import Throughput, retry_after_s
 from peerinfer.errors import OverloadedError, PeerInferError
@@ -135,6 +136,7 @@ class _Slot:
     generated: int = 0
     sent_text: bool = False
     decoded: list[int] = field(default_factory=list)  # generated tokens now in the slot's cache
+    chunks: int = 0  # prompt chunks read for this request
     # Log-probabilities of tokens whose text is not out yet, each with the character its text starts at.
     pending: list[tuple[int, TokenLogprob]] = field(default_factory=list)
 
@@ -160,6 +162,9 @@ class BatchScheduler:
     # llama.cpp's threads take every core while they decode, so without a pause the server's event loop
     # (and a client on this machine) wait for the next step to be preempted before the first token goes out.
     first_token_pause_s: float = 0.0
+    # The most of the decoding thread's time that reading a long prompt takes while other streams
+    # generate (``PromptShare``); 1.0: chunks go every step, whatever they cost the running streams.
+    prompt_share: float = 1.0
     _waiting: deque[Generation] = field(default_factory=deque)
     _active: dict[int, _Slot] = field(default_factory=dict)
     # Events not yet handed to the event loop: flushed after each decode call and each iteration.
@@ -181,6 +186,7 @@ class BatchScheduler:
     _decode_failures: int = 0  # decode calls failed in a row
     _last_error: str | None = None
     _probe_token: int | None = None  # a token some prompt held: what a probe call decodes
+    _share: PromptShare = field(default_factory=PromptShare)
 
     def start(self, prepare: Callable[[], T] | None = None) -> T | None:
         """Start the decoding thread; ``prepare`` runs on it first, and ``start`` returns its result.
@@ -458,6 +464,9 @@ class BatchScheduler:
         call: a short prompt's first token then leaves a whole decode step earlier.
         """
         reading = [slot for slot in self._active.values() if slot.next_token is None and slot.prompt_left > 0]
+        generating = any(slot.next_token is not None for slot in self._active.values())
+        share = self._share
+        reading = [slot for slot in reading if share.may_read(generating, first_chunk=slot.chunks == 0)]
         if not reading:
             return []
         slot = min(reading, key=lambda s: s.admitted_at)
@@ -479,10 +488,20 @@ class BatchScheduler:
         ]
 
     def _step(self) -> None:
-        for plan in (self._prompt_chunk, self._next_tokens):
-            work = plan()
-            if work:
-                self._decode(work)
+        if self._share.share != self.prompt_share:
+            self._share = PromptShare(self.prompt_share)
+        chunk = self._prompt_chunk()
+        if chunk:
+            generating = any(slot.next_token is not None for slot in self._active.values())
+            self._active[chunk[0].slot].chunks += 1
+            started = self.clock()
+            self._decode(chunk)
+            self._share = self._share.after_chunk(self.clock() - started, generating)
+        work = self._next_tokens()
+        if work:
+            started = self.clock()
+            self._decode(work)
+            self._share = self._share.after_generation(self.clock() - started)
 
     def _decode(self, work: list[SlotWork]) -> None:
         spare = self._spare(work)
