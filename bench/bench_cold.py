@@ -42,7 +42,7 @@ TEXT = (
     "Trains on the eastern lines were late this week because of fog near Kanpur and track work at Mughalsarai. "
 )
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # a base model goes on counting: a stream that does not stop early
-SYSTEMS = ("peerinfer worker", "peerinfer worker, bf16 cache (stock attention)", "llama-server")
+SYSTEMS = ("peerinfer worker", "bf16 peerinfer worker (stock attention)", "llama-server")
 
 
 @dataclass
@@ -61,9 +61,10 @@ class Interference:
 
 def prompt_of(tokenizer: object, length: int, tag: str) -> str:
     """About ``length`` tokens of text that start with ``tag`` (as the model's tokenizer counts them)."""
+    head = f"Request {tag}.\n"
+    used = len(tokenizer.tokenize(head.encode(), add_bos=True))  # type: ignore[attr-defined]
     ids = tokenizer.tokenize((TEXT * (length // 40 + 2)).encode(), add_bos=False)  # type: ignore[attr-defined]
-    body = tokenizer.detokenize(ids[: length - 12]).decode("utf-8", "ignore")  # type: ignore[attr-defined]
-    return f"Request {tag}.\n{body}"
+    return head + tokenizer.detokenize(ids[: length - used]).decode("utf-8", "ignore")  # type: ignore[attr-defined]
 
 
 def timed_tokens(url: str, prompt: str, max_tokens: int, stamps: list[float]) -> None:

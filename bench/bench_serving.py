@@ -297,7 +297,7 @@ def servers(model: Path, threads: int, n_ctx: int, slots: int) -> dict[str, Call
     entries: dict[str, Callable[[int], list[str]]] = {
         "peerinfer worker": lambda port: [*worker, "--port", str(port), "--log-level", "warning"],
         # The same worker with stock ggml attention (a bf16 cache keeps it invariant): what the patch buys.
-        "peerinfer worker, bf16 cache (stock attention)": lambda port: [
+        "bf16 peerinfer worker (stock attention)": lambda port: [
             "env",
             "GGML_CPU_FA_ROW_EXACT=0",
             *worker,

@@ -550,14 +550,24 @@ def guessing_worker(
 
 @contextlib.contextmanager
 def bootstrap_with_dialback(net: int) -> Iterator[DhtNode]:
-    """What ``python -m peerinfer bootstrap`` runs: a DHT node on UDP and the dial-back on TCP, one port number."""
-    with bootstrap_node(net) as boot:
-        server = DialbackServer.listen("127.0.0.1", boot.port)
-        wait_until(lambda: server.server.started, 10, "the dial-back service did not start")
-        try:
-            yield boot
-        finally:
-            server.stop()
+    """What ``python -m peerinfer bootstrap`` runs: a DHT node on UDP and the dial-back on TCP, one port number.
+
+    The OS picks the UDP port; that number can be taken on TCP (another test's connection): a new node then.
+    """
+    for attempt in range(5):
+        with bootstrap_node(net) as boot:
+            try:
+                server = DialbackServer.listen("127.0.0.1", boot.port)
+            except OSError:
+                if attempt == 4:
+                    raise
+                continue
+            wait_until(lambda server=server: server.server.started, 10, "the dial-back service did not start")
+            try:
+                yield boot
+            finally:
+                server.stop()
+            return
 
 
 def test_a_reachable_worker_lists_the_url_it_was_reached_at_then_ice(

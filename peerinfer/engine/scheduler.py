@@ -12,7 +12,7 @@ Each step it:
    for every generating slot (including one whose prompt that chunk finished) in one batch, so a
    long prompt never stalls the running streams for more than one chunk, and its chunks are the
    same whatever else runs. While streams generate, a prompt's later chunks take at most
-   ``prompt_share`` of the time (``PromptShare``): the streams' time per token at most doubles at 0.5;
+   ``prompt_share`` of the time (``PromptShare``): the streams' time per token stays under x2 at 0.45;
 4. samples per slot and turns token bytes into text deltas (with the log-probabilities of their tokens);
 5. after a call that gave some stream its first text, pauses ``first_token_pause_s`` before the next one.
 
