@@ -62,9 +62,11 @@ build_wheel() {
     mkdir -p "$work_dir/sdist" "$work_dir/src.tmp"
     "${pip[@]}" download --no-deps --no-binary :all: "llama-cpp-python==$llama_version" -d "$work_dir/sdist"
     tar -xzf "$work_dir"/sdist/llama_cpp_python-*.tar.gz -C "$work_dir/src.tmp"
-    # git apply works outside a repository too; it refuses a patch that does not fit, whole.
+    # git apply works outside a repository too, and refuses a patch that does not fit, whole. The
+    # ceiling stops it from taking a repository around the cache (a home directory kept in git) as its own.
     for patch in "${patches[@]}"; do
-      git -C "$work_dir/src.tmp/llama_cpp_python-$llama_version/vendor/llama.cpp" apply -p1 "$PWD/$patch"
+      GIT_CEILING_DIRECTORIES="$work_dir" \
+        git -C "$work_dir/src.tmp/llama_cpp_python-$llama_version/vendor/llama.cpp" apply -p1 "$PWD/$patch"
       echo "setup: applied $patch" >&2
     done
     mv "$work_dir/src.tmp" "$work_dir/src" # a rename: $src exists only once it is whole

@@ -188,6 +188,9 @@ class BatchScheduler:
     _probe_token: int | None = None  # a token some prompt held: what a probe call decodes
     _share: PromptShare = field(default_factory=PromptShare)
 
+    def __post_init__(self) -> None:
+        self._share = PromptShare(self.prompt_share)
+
     def start(self, prepare: Callable[[], T] | None = None) -> T | None:
         """Start the decoding thread; ``prepare`` runs on it first, and ``start`` returns its result.
 
@@ -456,17 +459,21 @@ class BatchScheduler:
             if slot.generation.cancelled.is_set():
                 self._finish(slot, "cancelled")
 
-    def _prompt_chunk(self) -> list[SlotWork]:
+    def _prompt_chunk(self, generating: bool) -> list[SlotWork]:
         """One fixed-size chunk of the oldest unread prompt, for a call of its own (empty: none left).
 
         A prompt is read alone in its calls, ``prefill_chunk`` tokens from where its read stands, so its
         numbers do not depend on what else the worker is doing. It goes before the step's generation
         call: a short prompt's first token then leaves a whole decode step earlier.
         """
-        reading = [slot for slot in self._active.values() if slot.next_token is None and slot.prompt_left > 0]
-        generating = any(slot.next_token is not None for slot in self._active.values())
         share = self._share
-        reading = [slot for slot in reading if share.may_read(generating, first_chunk=slot.chunks == 0)]
+        reading = [
+            slot
+            for slot in self._active.values()
+            if slot.next_token is None
+            and slot.prompt_left > 0
+            and share.may_read(generating, first_chunk=slot.chunks == 0)
+        ]
         if not reading:
             return []
         slot = min(reading, key=lambda s: s.admitted_at)
@@ -488,11 +495,9 @@ class BatchScheduler:
         ]
 
     def _step(self) -> None:
-        if self._share.share != self.prompt_share:
-            self._share = PromptShare(self.prompt_share)
-        chunk = self._prompt_chunk()
+        generating = any(slot.next_token is not None for slot in self._active.values())
+        chunk = self._prompt_chunk(generating)
         if chunk:
-            generating = any(slot.next_token is not None for slot in self._active.values())
             self._active[chunk[0].slot].chunks += 1
             started = self.clock()
             self._decode(chunk)
