@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import shlex
 import statistics
 import sys
@@ -26,13 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import REPO, free_port, serve, servers, stream_completion, worker_env, write_results
 
 sys.path.insert(0, str(REPO))
-from peerinfer.client.sse_parser import SSEParser
 from peerinfer.engine.model_files import open_model_file
 
 TEXT = (
@@ -67,24 +63,10 @@ def prompt_of(tokenizer: object, length: int, tag: str) -> str:
     return head + tokenizer.detokenize(ids[: length - used]).decode("utf-8", "ignore")  # type: ignore[attr-defined]
 
 
-def timed_tokens(url: str, prompt: str, max_tokens: int, stamps: list[float]) -> None:
-    """Stream a greedy completion, appending the arrival time of each text event to ``stamps``."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600) as response:
-        parser = SSEParser()
-        for chunk in response.iter_content(chunk_size=None):
-            for event in parser.feed(chunk):
-                if event.data == "[DONE]":
-                    continue
-                for choice in json.loads(event.data).get("choices") or []:
-                    if choice.get("text"):
-                        stamps.append(time.perf_counter())
-
-
 def interference(url: str, long_prompt: str) -> Interference | None:
     """A running stream's time per token before and while ``long_prompt`` is read."""
     stamps: list[float] = []
-    runner = threading.Thread(target=timed_tokens, args=(url, COUNTING, 400, stamps))
+    runner = threading.Thread(target=stream_completion, args=(url, COUNTING, 400), kwargs={"stamps": stamps})
     runner.start()
     while len(stamps) < 40 and runner.is_alive():
         time.sleep(0.005)

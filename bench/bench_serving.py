@@ -139,8 +139,13 @@ class Streamed:
     error: str | None = None
 
 
-def stream_completion(url: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None) -> Streamed:
-    """POST a streamed, greedy ``/v1/completions`` request (with ``extra`` fields) and read it to the end."""
+def stream_completion(
+    url: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None, stamps: list[float] | None = None
+) -> Streamed:
+    """POST a streamed, greedy ``/v1/completions`` request (with ``extra`` fields) and read it to the end.
+
+    ``stamps``, if given, receives the arrival time (``time.perf_counter``) of every text event, as it comes.
+    """
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -168,8 +173,11 @@ def stream_completion(url: str, prompt: str, max_tokens: int, extra: dict[str, A
                     for choice in payload.get("choices") or []:
                         if choice.get("text"):
                             events += 1
+                            now = time.perf_counter()
+                            if stamps is not None:
+                                stamps.append(now)
                             if first is None:
-                                first = time.perf_counter()
+                                first = now
     except requests.RequestException as exc:
         return Streamed(None, 0, 0, {}, type(exc).__name__)
     total = time.perf_counter() - started

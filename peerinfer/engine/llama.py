@@ -52,8 +52,7 @@ from peerinfer.errors import EngineError, RequestError
 from peerinfer.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-_GGML_TYPE_F16 = 1  # ggml.h's enum ggml_type
-_GGML_TYPE_BF16 = 30  # llama-cpp-python does not export this one
+_GGML_TYPE_BF16 = 30  # ggml.h's enum ggml_type; llama-cpp-python does not export this one
 _llama_log = logging.getLogger("peerinfer.llama_cpp")
 
 

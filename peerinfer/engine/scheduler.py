@@ -186,7 +186,7 @@ class BatchScheduler:
     _decode_failures: int = 0  # decode calls failed in a row
     _last_error: str | None = None
     _probe_token: int | None = None  # a token some prompt held: what a probe call decodes
-    _share: PromptShare = field(default_factory=PromptShare)
+    _share: PromptShare = field(init=False)  # from ``prompt_share``, in __post_init__
 
     def __post_init__(self) -> None:
         self._share = PromptShare(self.prompt_share)
