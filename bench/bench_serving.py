@@ -12,6 +12,7 @@ alone on the machine (one after the other). Tokens are counted from each server'
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -299,11 +300,22 @@ def worker_env(model: Path, threads: int, n_ctx: int, slots: int, **extra: str) 
     return env
 
 
-def servers(model: Path, threads: int, n_ctx: int, slots: int) -> dict[str, Callable[[int], list[str]]]:
-    """Each entry: a function of the port giving the command line; missing peers are left out."""
+def worker_name(slots: int, slot_counts: list[int] | None = None) -> str:
+    """The worker's row name: with its slots when the run compares several slot counts."""
+    return "peerinfer worker" if slot_counts is None or len(slot_counts) == 1 else f"peerinfer worker, {slots} slots"
+
+
+def servers(
+    model: Path, threads: int, n_ctx: int, slots: int, slot_counts: list[int] | None = None
+) -> dict[str, Callable[[int], list[str]]]:
+    """Each entry: a function of the port giving the command line; missing peers are left out.
+
+    With several slot counts, each count gets its own worker and llama-server rows; the systems that
+    have no slots (llama_cpp.server, the other workers) run with the first count only.
+    """
     worker = [str(REPO / ".venv/bin/python"), "-m", "uvicorn", "worker:app", "--host", "127.0.0.1"]
     entries: dict[str, Callable[[int], list[str]]] = {
-        "peerinfer worker": lambda port: [*worker, "--port", str(port), "--log-level", "warning"],
+        worker_name(slots, slot_counts): lambda port: [*worker, "--port", str(port), "--log-level", "warning"],
         # The same worker with stock ggml attention (a bf16 cache keeps it invariant): what the patch buys.
         "bf16 peerinfer worker (stock attention)": lambda port: [
             "env",
@@ -325,8 +337,11 @@ def servers(model: Path, threads: int, n_ctx: int, slots: int) -> dict[str, Call
             "warning",
         ],
     }
+    slot_counts = slot_counts or [slots]
+    if slots != slot_counts[0]:
+        entries = {name: command for name, command in entries.items() if name == worker_name(slots, slot_counts)}
     python = CACHE / "venv/bin/python"
-    if python.exists():
+    if python.exists() and slots == slot_counts[0]:
         entries["llama_cpp.server"] = lambda port: [
             str(python),
             "-m",
@@ -426,35 +441,40 @@ def run_round(args: argparse.Namespace, model: Path, levels: list[int], total: i
         print("running llama.cpp in-process ...", file=sys.stderr)
         rows.append(in_process(model, args.threads, args.n_ctx, args.max_tokens, total, repacked=True))
         rows.append(in_process(model, args.threads, args.n_ctx, args.max_tokens, total, repacked=False))
-    env = worker_env(model, args.threads, args.n_ctx, args.slots, PEERINFER_MAX_QUEUE="64")
-    for name, command in servers(model, args.threads, args.n_ctx, args.slots).items():
-        if wanted and not any(name == w or name.startswith(w + " ") for w in wanted):
-            continue
-        port = free_port()
-        print(f"running {name} ...", file=sys.stderr)
-        url, process = serve(command(port), env, port)
-        try:
-            for feature in args.features.split(","):
-                for level in levels:
-                    per_client = max(2 if not args.quick else 1, -(-total // level))
-                    rows.append(run_level(name, url, level, per_client, args.max_tokens, feature))
-                    print(table(rows[-1:]).splitlines()[-1], file=sys.stderr)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    for slots in args.slots:
+        env = worker_env(model, args.threads, args.n_ctx, slots, PEERINFER_MAX_QUEUE="64")
+        for name, command in servers(model, args.threads, args.n_ctx, slots, args.slots).items():
+            base = name.removesuffix(f", {slots} slots")  # --only names systems without their slots
+            if wanted and not any(w in (name, base) or base.startswith(w + " ") for w in wanted):
+                continue
+            port = free_port()
+            print(f"running {name} ...", file=sys.stderr)
+            url, process = serve(command(port), env, port)
+            try:
+                for feature in args.features.split(","):
+                    for level in levels:
+                        per_client = max(2 if not args.quick else 1, -(-total // level))
+                        rows.append(run_level(name, url, level, per_client, args.max_tokens, feature))
+                        print(table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
     return rows
 
 
-def paired(rounds: list[list[Row]]) -> str:
-    """Each system's aggregate tok/s over llama-server's, within each round, at each level.
+def paired(rounds: list[list[Row]], baselines: tuple[str, ...] = ()) -> str:
+    """Each system's aggregate tok/s over llama-server's (and over ``baselines``), within each round, at each level.
 
     The machine's speed drifts between rounds (a 4-row step took 35 ms in one run, 45 ms in the next),
     so a ratio taken inside one round, minutes apart, says more than rows pooled over all rounds.
     """
     lines: list[str] = []
     features = sorted({row.feature for rows in rounds for row in rows}, key=lambda f: (f != "plain", f))
-    for reference in sorted({row.system for rows in rounds for row in rows if row.system.startswith("llama-server")}):
-        systems = sorted({row.system for rows in rounds for row in rows if row.system.startswith("peerinfer")})
+    servers = sorted({row.system for rows in rounds for row in rows if row.system.startswith("llama-server")})
+    for reference in [*servers, *baselines]:
+        systems = sorted(
+            {row.system for rows in rounds for row in rows if row.system.startswith("peerinfer")} - {reference}
+        )
         levels = sorted({row.concurrency for rows in rounds for row in rows})
         for feature in features:
             for system in systems:
@@ -484,6 +504,28 @@ def _ratios(rounds: list[list[Row]], ours: tuple[str, str, int], theirs: tuple[s
         if ours in mine and theirs in mine:
             ratios.append(float(mine[ours].summary()["agg_tok_s"]) / float(mine[theirs].summary()["agg_tok_s"]))
     return ratios
+
+
+def scaling(rounds: list[list[Row]]) -> str:
+    """Each system's aggregate tok/s at each level over its own at the level before, within each round."""
+    lines: list[str] = []
+    systems = sorted({row.system for rows in rounds for row in rows})
+    levels = sorted({row.concurrency for rows in rounds for row in rows})
+    for system in systems:
+        for before, level in itertools.pairwise(levels):
+            ratios = _ratios(rounds, (system, "plain", level), (system, "plain", before))
+            if ratios:
+                lines.append(
+                    f"| {system} | {level} | {before} | {len(ratios)} | {statistics.median(ratios):.3f} | "
+                    f"{min(ratios):.3f} | {max(ratios):.3f} |"
+                )
+    if not lines:
+        return ""
+    header = (
+        "| system | conc. | over conc. | rounds | tok/s ratio, median | lowest | highest |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    return header + "\n" + "\n".join(lines)
 
 
 def feature_costs(rounds: list[list[Row]]) -> str:
@@ -533,7 +575,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=12, help="requests per level, at least 2 per client")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--n-ctx", type=int, default=2048, help="context per stream")
-    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument(
+        "--slots",
+        default="4",
+        help="slots (llama-server: -np); several, comma-separated, give each count its own rows (default: 4)",
+    )
     parser.add_argument("--model", type=Path, default=None, help="a .gguf (default: the bundled model)")
     parser.add_argument("--only", default="", help="comma-separated systems to run (default: all found)")
     parser.add_argument("--quick", action="store_true", help="few requests; print, don't write RESULTS.md")
@@ -554,6 +600,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown features {sorted(unknown)}; choose from {', '.join(FEATURES)}")
     levels = [int(level) for level in args.levels.split(",")]
+    args.slots = [int(count) for count in args.slots.split(",")]
     total = 4 if args.quick else args.requests
     model = args.model or open_model_file(None, Path.home() / ".cache" / "peerinfer").path
     rows: list[Row] = []
@@ -566,9 +613,13 @@ def main() -> int:
         rows.extend(rounds[-1])
     rows = merge(rows)
     report = table(rows)
-    pairs = paired(rounds)
+    baselines = (worker_name(args.slots[0], args.slots),) if len(args.slots) > 1 else ()
+    pairs = paired(rounds, baselines)
     if pairs:
         report += "\n\nPaired within each round (aggregate tok/s, this system / the other):\n\n" + pairs
+    if len(levels) > 1:
+        report += "\n\nScaling within each round (aggregate tok/s at one level over the level before):\n\n"
+        report += scaling(rounds)
     costs = feature_costs(rounds)
     if costs:
         report += (
@@ -587,6 +638,7 @@ def main() -> int:
             f"Command: `{command.strip()}`\n\n"
             f"Machine: {os.cpu_count()} cores ({cpu}), model {model.name}, {args.threads} threads, "
             f"context {args.n_ctx} per stream, {args.max_tokens} max tokens, temperature 0, "
+            f"slots {', '.join(map(str, args.slots))}, "
             f"{args.rounds} round(s) pooled, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
             f"{report}{picture}\n"
         )

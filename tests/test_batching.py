@@ -93,14 +93,40 @@ def test_reusable_prefix_is_whole_units_of_what_the_prompts_share(
     assert reusable_prefix(kept, prompt, unit) == reused
 
 
-def test_choose_slot_prefers_the_longest_reuse_then_the_least_kept_then_the_lowest() -> None:
+def test_with_no_slot_busy_choose_slot_prefers_the_longest_reuse_then_the_least_kept_then_the_lowest() -> None:
     system = list(range(100, 140))
     kept = {0: [*system, 1, 2, 3], 1: [*system[:16], 7, 7, 7, 7], 3: list(range(500, 600))}
-    assert choose_slot([0, 1, 2, 3], kept, [*system, 9, 9], unit=8) == 0
-    assert choose_slot([1, 2, 3], kept, [*system, 9, 9], unit=8) == 1
+    assert choose_slot([0, 1, 2, 3], [], kept, [*system, 9, 9], unit=8) == 0
+    assert choose_slot([1, 2, 3], [], kept, [*system, 9, 9], unit=8) == 1
     # Nothing to reuse: the empty slot 2, so that what slots 0, 1 and 3 hold stays for later.
-    assert choose_slot([0, 1, 2, 3], kept, [1, 2, 3], unit=8) == 2
-    assert choose_slot([2, 4], {}, [1, 2, 3], unit=8) == 2
+    assert choose_slot([0, 1, 2, 3], [], kept, [1, 2, 3], unit=8) == 2
+    assert choose_slot([2, 4], [], {}, [1, 2, 3], unit=8) == 2
+
+
+@pytest.mark.parametrize(
+    ("free", "busy", "chosen"),
+    [
+        ([2, 3, 4, 5, 6, 7], [0, 1], 2),  # next to the running streams, not slot 7 where the prefix is
+        ([0, 3, 4, 5, 6, 7], [1, 2], 0),  # either side keeps one run: the lower
+        ([1, 3, 4, 5, 6, 7], [0, 2], 1),  # the gap is filled before anything else
+        ([0, 1, 2, 3, 4, 6], [5, 7], 6),
+        ([4, 5, 6, 7], [0, 1, 2, 3], 4),
+        ([0, 1, 2, 3, 4, 5, 6], [7], 6),
+        ([7], [0, 1], 7),  # the only free slot, whatever it costs
+    ],
+)
+def test_choose_slot_keeps_busy_slots_together_before_it_saves_reading(
+    free: list[int], busy: list[int], chosen: int
+) -> None:
+    system = list(range(100, 140))
+    kept = {7: [*system, 1], 4: [*system[:24]]}  # the prompt's longest prefix is in slot 7
+    assert choose_slot(free, busy, kept, [*system, 9], unit=8) == chosen
+
+
+def test_among_slots_that_keep_the_streams_together_the_one_with_the_prefix_wins() -> None:
+    system = list(range(100, 140))
+    kept = {3: [*system, 1], 0: list(range(500, 540))}
+    assert choose_slot([0, 3, 4, 5], [1, 2], kept, [*system, 9], unit=8) == 3
 
 
 @pytest.mark.parametrize(

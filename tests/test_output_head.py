@@ -14,7 +14,7 @@ import pytest
 from peerinfer.engine import llama, output_head
 from peerinfer.engine.llama import LlamaBackend
 from peerinfer.engine.model_files import open_model_file
-from peerinfer.engine.output_head import OFF, OutputHead, mapped_address
+from peerinfer.engine.output_head import AVX2, AVX512, KERNEL_NAMES, OFF, OutputHead, mapped_address
 from peerinfer.engine.scheduler import SlotWork
 from tests.conftest import worker_settings
 
@@ -23,11 +23,17 @@ PROMPTS = [
     "भारत की राजधानी नई दिल्ली है और",
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     "Once upon a time, in a village by the sea, there lived",
+    "The monsoon reaches Kerala in early June, and",
+    "SELECT name, city FROM users WHERE",
+    "चाय बनाने के लिए सबसे पहले",
+    "Photosynthesis is the process by which plants",
+    "The train from Mumbai to Pune leaves at",
 ]
+SLOTS = len(PROMPTS)  # 9: one more than the head's 8 rows per pass over the weights, so two passes
 
 
 def _backend() -> LlamaBackend:
-    settings = worker_settings(slots=4, n_ctx=512)
+    settings = worker_settings(slots=SLOTS, n_ctx=512)
     backend = LlamaBackend(open_model_file(settings.model, settings.cache_dir), settings)
     backend.calibrate()
     return backend
@@ -95,17 +101,44 @@ def test_the_weights_are_found_in_llama_cpps_mapping(
 
 
 def test_the_head_passes_its_load_check_on_the_bundled_model(backend: LlamaBackend) -> None:
-    assert backend.head_status.startswith("peerinfer's"), backend.head_status
     head = backend._head
     assert head is not None and head.shares_llama_mapping  # no second mapping: RSS does not count it twice
+    assert AVX2 in head.kernels
+    fastest = KERNEL_NAMES[max(head.kernels)]
+    assert backend.head_status.startswith(f"peerinfer's, {fastest} kernel"), backend.head_status
+
+
+@pytest.fixture(params=[AVX2, AVX512], ids=["AVX2 kernel", "AVX-512 kernel"])
+def kernel(request: pytest.FixtureRequest, backend: LlamaBackend) -> Iterator[int]:
+    """Each kernel in turn, where the CPU has it; the fastest again afterwards."""
+    head = backend._head
+    assert head is not None
+    if request.param not in head.kernels:
+        pytest.skip(f"this CPU lacks what the {KERNEL_NAMES[request.param]} kernel needs")
+    chosen = head.kernel
+    head.kernel = request.param
+    yield request.param
+    head.kernel = chosen
 
 
 @pytest.mark.parametrize(
     "slots",
-    [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 2, 3], [1, 3]],
-    ids=["1 row", "2 rows", "3 rows", "4 rows", "slots 0,2,3 (two parts)", "slots 1,3 (two parts)"],
+    [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 2, 3], [1, 3], [0, 1, 2, 3, 4], list(range(8)), list(range(9))],
+    ids=[
+        "1 row",
+        "2 rows",
+        "3 rows",
+        "4 rows",
+        "slots 0,2,3 (two parts)",
+        "slots 1,3 (two parts)",
+        "5 rows",
+        "8 rows (one full pass)",
+        "9 rows (a second pass of one)",
+    ],
 )
-def test_a_generation_step_gets_llama_cpps_logits_bit_for_bit(backend: LlamaBackend, slots: list[int]) -> None:
+def test_a_generation_step_gets_llama_cpps_logits_bit_for_bit(
+    backend: LlamaBackend, kernel: int, slots: list[int]
+) -> None:
     lengths = _read_prompts(backend)
     last = {slot: backend.tokenize(PROMPTS[slot], True)[-1] for slot in slots}
     work = [SlotWork(slot, [last[slot]], lengths[slot], True) for slot in slots]
@@ -115,7 +148,7 @@ def test_a_generation_step_gets_llama_cpps_logits_bit_for_bit(backend: LlamaBack
     assert all(not np.array_equal(ours[i], ours[j]) for i in range(len(slots)) for j in range(i))  # distinct rows
 
 
-def test_the_last_chunk_of_a_prompt_gets_llama_cpps_logits_bit_for_bit(backend: LlamaBackend) -> None:
+def test_the_last_chunk_of_a_prompt_gets_llama_cpps_logits_bit_for_bit(backend: LlamaBackend, kernel: int) -> None:
     tokens = backend.tokenize(PROMPTS[1] * 3, True)
     backend._cut(2, 0)
     backend._decode([SlotWork(2, tokens[:16], 0, False)])
@@ -141,9 +174,12 @@ def test_a_head_that_disagrees_at_load_is_not_used(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(llama, "open_head", off_by_one_row)
     backend = _backend()
     try:
-        assert backend.head_status.startswith("llama.cpp's: peerinfer's was checked at load and its logits differ")
+        status = backend.head_status
         head = backend._head
         assert head is not None
+        assert status.startswith("llama.cpp's: peerinfer's was checked at load and with the "), status
+        # every kernel the CPU has was tried, and each one's difference reported
+        assert all(f"{KERNEL_NAMES[kernel]} kernel, its logits differ" in status for kernel in head.kernels), status
         before = head.rows_computed
         tokens = backend.tokenize(PROMPTS[0], True)
         backend._decode([SlotWork(0, tokens, 0, True)])

@@ -426,6 +426,59 @@ def test_a_request_copies_a_shared_prompt_from_a_busy_slot_rather_than_read_it_a
     assert reads[-2:] == [[(0, 16, 5)], [(1, 16, 6)]]  # each read only its own last tokens
 
 
+class GatedBackend(KeepingBackend):
+    """Its ``begin`` number ``held`` waits for ``resume``: requests submitted meanwhile are admitted after it."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__()
+        self.held = held
+        self.resume = threading.Event()
+
+    def begin(self, slot: int, params: SamplingParams, keep: int) -> int:
+        if sum(1 for kind, _, _ in self.kept if kind == "begin") == self.held - 1:
+            self.resume.wait(timeout=60)
+        keep = super().begin(slot, params, keep)
+        self.replies[slot] = [*b"abcdefgh", 0]  # long enough for the streams to run side by side
+        return keep
+
+
+def test_streams_go_to_neighbouring_slots_and_copy_their_prefix_from_wherever_it_is_kept() -> None:
+    # 8 slots, each keeping a different 20-token prompt; then 4 requests for the prompts kept in the
+    # odd slots. In those slots, every step would decode 7 rows (the gaps filled) for 4 streams.
+    backend = GatedBackend(held=9)
+    scheduler = BatchScheduler(backend, slots=8, max_queue=8, prefill_chunk=8)
+    prompts = [list(range(100 * n, 100 * n + 20)) for n in range(1, 9)]
+    scheduler.start()
+
+    async def scenario() -> list[Finished]:
+        for prompt in prompts:
+            await finish(scheduler, [*prompt, 1])
+        later = asyncio.gather(*(finish(scheduler, [*prompts[n], 2]) for n in (1, 3, 5, 7)))
+        await asyncio.sleep(0.05)  # all four are submitted while the first is held in its begin
+        first_call.append(len(backend.calls))
+        backend.resume.set()
+        return list(await later)
+
+    first_call: list[int] = []
+    try:
+        finished = asyncio.run(scenario())
+    finally:
+        backend.resume.set()
+        scheduler.close()
+    assert [kind for kind, _, _ in backend.kept[:16]] == ["begin", "release"] * 8
+    assert [slot for kind, slot, _ in backend.kept[:16] if kind == "begin"] == list(range(8))
+    later = backend.kept[16:]
+    begins = [(slot, keep) for kind, slot, keep in later if kind == "begin"]
+    assert sorted(slot for slot, _ in begins) == [0, 1, 2, 3]  # side by side: a step is 4 rows
+    assert all(keep == 16 for _, keep in begins)  # ... and no prefix was read again
+    assert [item.cached_tokens for item in finished] == [16, 16, 16, 16]
+    copies = {target: source for kind, source, target in later if kind == "copy"}
+    assert copies == {0: 3, 2: 5, 3: 7}  # slot 1 held its own prompt; the others came by copy
+    calls = backend.calls[first_call[0] :]
+    steps = [[slot for slot, _, _ in call] for call in calls if all(n == 1 for _, _, n in call)]
+    assert [0, 1, 2, 3] in steps
+
+
 def test_with_a_cut_invariant_backend_reuse_ends_on_any_token_and_takes_in_the_answer() -> None:
     backend = KeepingBackend()
     scheduler = BatchScheduler(backend, slots=1, max_queue=4, prefill_chunk=8, cut_invariant=True)

@@ -86,15 +86,38 @@ def reusable_prefix(kept: Sequence[int], prompt: Sequence[int], unit: int) -> in
     return same if same >= MIN_REUSE else 0
 
 
-def choose_slot(free: Iterable[int], kept: Mapping[int, Sequence[int]], prompt: Sequence[int], unit: int) -> int:
-    """The free slot for ``prompt``: the one that saves the most reading.
+def step_span(slots: Iterable[int]) -> int:
+    """Rows a generation step over ``slots`` decodes once throw-away rows fill its gaps: lowest to highest."""
+    ordered = sorted(set(slots))
+    return ordered[-1] - ordered[0] + 1 if ordered else 0
 
-    On a tie, the slot that holds the least, so that longer kept prompts stay for later requests; then
-    the lowest slot. ``free`` must not be empty.
+
+def choose_slot(
+    free: Iterable[int],
+    busy: Iterable[int],
+    kept: Mapping[int, Sequence[int]],
+    prompt: Sequence[int],
+    unit: int,
+) -> int:
+    """The free slot for ``prompt``, next to the ``busy`` ones where it can be.
+
+    First the slot that keeps the busy slots closest together: every step decodes a row for each gap
+    between them (or makes one more pass over the weights), for as long as they run; with 8 slots, 4
+    streams in slots 0, 2, 5, 7 took 20.9 ms a step against 14.3 ms in slots 0 to 3. A prefix kept in
+    another slot is not lost: the scheduler copies it from there (one copy per request). Then the slot
+    that saves the most reading; then the one that holds the least, so that longer kept prompts stay
+    for later requests; then the lowest. ``free`` must not be empty.
     """
+    busy = set(busy)
     return min(
         free,
-        key=lambda slot: (-reusable_prefix(kept.get(slot, ()), prompt, unit), len(kept.get(slot, ())), slot),
+        key=lambda slot: (
+            step_span([*busy, slot]),
+            sequence_runs([*busy, slot]),
+            -reusable_prefix(kept.get(slot, ()), prompt, unit),
+            len(kept.get(slot, ())),
+            slot,
+        ),
     )
 
 

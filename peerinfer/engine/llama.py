@@ -45,7 +45,7 @@ from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingPa
 from peerinfer.engine.batching import fillers, outputs_in_batch_order, rows_to_pad
 from peerinfer.engine.json_schema import WHERE, check_grammar_size, check_schema, refuse
 from peerinfer.engine.model_files import ModelFile, open_model_file
-from peerinfer.engine.output_head import CAPTURE, OFF, SKIP, HeadUnavailable, OutputHead, open_head
+from peerinfer.engine.output_head import CAPTURE, KERNEL_NAMES, OFF, SKIP, HeadUnavailable, OutputHead, open_head
 from peerinfer.engine.prompt import ControlToken, PromptPart, markup_of, split_at_controls
 from peerinfer.engine.scheduler import BatchScheduler, Sampled, SlotWork
 from peerinfer.errors import EngineError, RequestError
@@ -517,11 +517,7 @@ class LlamaBackend:
         self._decode([SlotWork(0, [self._pad_token], 0, True)])  # the first call allocates
         lc.llama_memory_seq_rm(self.memory, 0, -1, -1)
         if self._head is not None:
-            problem = self._check_head(self._head)
-            self._head_on = problem is None
-            self.head_status = "peerinfer's (its logits matched llama.cpp's bit for bit at load)"
-            if problem is not None:
-                self.head_status = f"llama.cpp's: peerinfer's was checked at load and {problem}"
+            self._head_on, self.head_status = self._choose_kernel(self._head)
         step_ms: dict[int, float] = {}
         for rows in range(1, self.slots + 1):
             work = [SlotWork(slot, [self._pad_token], 0, True) for slot in range(rows)]
@@ -578,6 +574,21 @@ class LlamaBackend:
 
     def _logits_address(self, index: int) -> int:
         return ctypes.cast(lc.llama_get_logits_ith(self.ctx, index), ctypes.c_void_p).value or 0
+
+    def _choose_kernel(self, head: OutputHead) -> tuple[bool, str]:
+        """The fastest of the head's kernels whose logits match llama.cpp's; whether one did, and the status line."""
+        problems: list[str] = []
+        for kernel in sorted(head.kernels, reverse=True):
+            head.kernel = kernel
+            problem = self._check_head(head)
+            if problem is None:
+                checked = f"; {'; '.join(problems)}" if problems else ""
+                return True, (
+                    f"peerinfer's, {KERNEL_NAMES[kernel]} kernel (its logits matched llama.cpp's bit for bit "
+                    f"at load{checked})"
+                )
+            problems.append(f"with the {KERNEL_NAMES[kernel]} kernel, {problem}")
+        return False, f"llama.cpp's: peerinfer's was checked at load and {'; '.join(problems)}"
 
     def _check_head(self, head: OutputHead) -> str | None:
         """Decode 1 to ``slots`` rows of different tokens with llama.cpp's product, and compare the head's.

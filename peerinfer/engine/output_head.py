@@ -1,8 +1,9 @@
 """The seam to ``output_head.c``: the model's output product (hidden state -> logits) done by peerinfer.
 
 ``scripts/setup.sh`` compiles the C file into ``_output_head.so`` next to this module. Where that
-library, the CPU (AVX2, FMA, F16C) or the model (q8_0 output weights) does not allow it, ``open_head``
-says why and the worker lets llama.cpp compute the product as before.
+library, the CPU (AVX2, FMA, F16C; AVX-512 with VNNI for the faster kernel) or the model (q8_0 output
+weights) does not allow it, ``open_head`` says why and the worker lets llama.cpp compute the product
+as before.
 
 The weights are read through llama.cpp's own mapping of the model file, found in /proc/self/maps, so
 they add nothing to the process. Where there is none (llama.cpp loaded without mmap, or not Linux),
@@ -29,6 +30,8 @@ from peerinfer.errors import EngineError, ModelFileError
 LIBRARY = Path(__file__).with_name("_output_head.so")
 
 OFF, SKIP, CAPTURE = 0, 1, 2  # po_capture.mode
+AVX2, AVX512 = 1, 2  # the kernels (PO_KERNEL_*): the same logits, AVX-512 faster where the CPU has it
+KERNEL_NAMES = {AVX2: "AVX2", AVX512: "AVX-512 VNNI"}
 
 
 class _Capture(ctypes.Structure):
@@ -58,6 +61,7 @@ class OutputHead:
         n_embd: int,
         max_rows: int,
         threads: int,
+        kernels: int,
     ) -> None:
         self._library = library
         self._weights = ctypes.c_void_p(weights)
@@ -68,6 +72,8 @@ class OutputHead:
         self._hidden = (ctypes.c_float * (max_rows * n_embd))()
         self._capture = _Capture(OFF, n_embd, max_rows, 0, 0, ctypes.cast(self._hidden, ctypes.POINTER(ctypes.c_float)))
         self.rows_computed = 0  # logits rows written since load
+        self.kernels = tuple(kernel for kernel in KERNEL_NAMES if kernels & kernel)  # what this CPU runs
+        self.kernel = max(self.kernels)  # the fastest; tests set each in turn
         self.eval_address: int = ctypes.cast(library.po_eval, ctypes.c_void_p).value or 0
         self.capture_address: int = ctypes.addressof(self._capture)
 
@@ -91,7 +97,7 @@ class OutputHead:
             )
         pointers = (ctypes.c_void_p * len(rows))(*rows)
         status = self._library.po_logits(
-            self._weights, self.n_vocab, self.n_embd, self._hidden, len(rows), pointers, self._threads
+            self._weights, self.n_vocab, self.n_embd, self._hidden, len(rows), pointers, self._threads, self.kernel
         )
         if status != 0:
             raise EngineError(f"the output head could not compute {len(rows)} rows (status {status})")
@@ -129,6 +135,7 @@ def open_head(model_path: Path, ggml_base: Path, n_vocab: int, n_embd: int, max_
     except OSError as exc:
         raise HeadUnavailable(f"{LIBRARY.name} could not be loaded: {exc}") from exc
     library.po_supported.restype = ctypes.c_int
+    library.po_kernels.restype = ctypes.c_int
     library.po_logits.restype = ctypes.c_int
     library.po_logits.argtypes = [
         ctypes.c_void_p,
@@ -138,8 +145,10 @@ def open_head(model_path: Path, ggml_base: Path, n_vocab: int, n_embd: int, max_
         ctypes.c_int32,
         ctypes.POINTER(ctypes.c_void_p),
         ctypes.c_int32,
+        ctypes.c_int32,
     ]
-    if not library.po_supported():
+    kernels = int(library.po_kernels())
+    if not library.po_supported() or not kernels:
         raise HeadUnavailable("this CPU lacks AVX2, FMA or F16C")
     path = model_path.resolve()
     try:
@@ -156,7 +165,7 @@ def open_head(model_path: Path, ggml_base: Path, n_vocab: int, n_embd: int, max_
         maps = ""
     address = mapped_address(maps, str(path), inode, tensor.offset, length)
     if address is not None:  # llama.cpp's own mapping: reading through it adds no pages to this process
-        return OutputHead(library, address, None, n_vocab, n_embd, max_rows, threads)
+        return OutputHead(library, address, None, n_vocab, n_embd, max_rows, threads, kernels)
     try:
         with path.open("rb") as file:
             # copy-on-write, so that ctypes can take its address; nothing writes to it, so no page is copied
@@ -164,7 +173,7 @@ def open_head(model_path: Path, ggml_base: Path, n_vocab: int, n_embd: int, max_
     except OSError as exc:
         raise HeadUnavailable(f"the model file could not be mapped: {exc}") from exc
     base = ctypes.addressof(ctypes.c_char.from_buffer(own_map))
-    return OutputHead(library, base + tensor.offset, own_map, n_vocab, n_embd, max_rows, threads)
+    return OutputHead(library, base + tensor.offset, own_map, n_vocab, n_embd, max_rows, threads, kernels)
 
 
 def _q8_0_output(header: mmap.mmap, n_vocab: int, n_embd: int, file_size: int) -> TensorInfo:

@@ -3,10 +3,11 @@
 One thread owns the decoder (a llama.cpp context is not thread-safe, so nothing else touches it).
 Each step it:
 
-1. admits waiting requests into free slots, first in first out, each into the free slot that still
-   holds the longest part of its prompt (whole chunks of a prompt it read before: a shared system
-   prompt or an earlier turn of a chat is not read again), or copies that part from another slot
-   that holds more of it;
+1. admits waiting requests into free slots, first in first out, each into a free slot next to the
+   busy ones (a gap between running streams costs every step a row), among those the one that still
+   holds the longest part of its prompt (a prompt it read before: a shared system prompt or an
+   earlier turn of a chat is not read again), or copies that part from another slot that holds more
+   of it (``choose_slot``);
 2. frees slots whose client went away (within one step, i.e. about one token);
 3. decodes one fixed-size chunk of the oldest unread prompt in a call of its own, then one token
    for every generating slot (including one whose prompt that chunk finished) in one batch, so a
@@ -394,7 +395,8 @@ class BatchScheduler:
             self._emit(generation, Finished("error", len(prompt), 0, message))
             return None
         self._probe_token = prompt[0]
-        index = choose_slot(free, self._kept, prompt, self._reuse_unit) if self.reuse_prompts else free[0]
+        offered = self._kept if self.reuse_prompts else {}
+        index = choose_slot(free, self._active, offered, prompt, self._reuse_unit)
         free.remove(index)
         kept = self._kept.pop(index, [])
         reuse = reusable_prefix(kept, prompt, self._reuse_unit) if self.reuse_prompts else 0
