@@ -300,6 +300,9 @@ def worker_env(model: Path, threads: int, n_ctx: int, slots: int, **extra: str) 
     return env
 
 
+ONE_ROW_KQ = "peerinfer worker (one-row K-quant matmul)"  # no comma: --only can name it
+
+
 def worker_name(slots: int, slot_counts: list[int] | None = None) -> str:
     """The worker's row name: with its slots when the run compares several slot counts."""
     return "peerinfer worker" if slot_counts is None or len(slot_counts) == 1 else f"peerinfer worker, {slots} slots"
@@ -320,6 +323,16 @@ def servers(
         "bf16 peerinfer worker (stock attention)": lambda port: [
             "env",
             "GGML_CPU_FA_ROW_EXACT=0",
+            *worker,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        # The same worker with ggml's one-row K-quant kernel (GGML_CPU_KQ_ROWS=0): what ggml-kq-rows.patch buys.
+        ONE_ROW_KQ: lambda port: [
+            "env",
+            "GGML_CPU_KQ_ROWS=0",
             *worker,
             "--port",
             str(port),
@@ -614,6 +627,8 @@ def main() -> int:
     rows = merge(rows)
     report = table(rows)
     baselines = (worker_name(args.slots[0], args.slots),) if len(args.slots) > 1 else ()
+    if any(row.system == ONE_ROW_KQ for row in rows):
+        baselines = (*baselines, ONE_ROW_KQ)
     pairs = paired(rounds, baselines)
     if pairs:
         report += "\n\nPaired within each round (aggregate tok/s, this system / the other):\n\n" + pairs

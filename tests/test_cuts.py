@@ -77,6 +77,13 @@ def test_the_invariant_worker_keeps_an_f16_cache_with_the_attention_patch_setup_
     assert backend.kv_cache == "f16"
 
 
+def test_several_rows_of_k_quant_weights_take_the_patch_setup_applies(backend: LlamaBackend) -> None:
+    # scripts/llama-cpp-patches/ggml-kq-rows.patch: the cut cases above then run prompt chunks through it
+    # and single tokens through ggml's one-row kernel (the bundled model's attn_output and ffn_down are
+    # Q4_K and Q6_K), so they fail if its numbers differ from the one-row kernel's by one rounding.
+    assert backend.kq_matmul == "peerinfer's, 4 rows at a time"
+
+
 def test_a_users_row_exact_zero_keeps_the_stock_attention_and_a_bf16_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _row_exact_attention()  # this build has the patch
     monkeypatch.setenv("GGML_CPU_FA_ROW_EXACT", "0")

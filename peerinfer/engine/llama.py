@@ -82,6 +82,25 @@ def _row_exact_attention() -> bool:
     return hasattr(library, "ggml_cpu_fa_row_exact")
 
 
+def _kq_rows_kernel() -> str:
+    """Which kernel the loaded ggml multiplies Q4_K/Q6_K weights by for calls of 2+ rows.
+
+    scripts/llama-cpp-patches/ggml-kq-rows.patch adds one that shares each weight block's unpacking
+    across up to 4 rows, with every output bit for bit the one-row kernel's (so batch invariance
+    holds with it). ``GGML_CPU_KQ_ROWS=0`` turns it off; ``avx2`` keeps AVX2 on an AVX-512 machine.
+    """
+    try:
+        library = ctypes.CDLL(str(_ggml_base_library().with_name("libggml-cpu.so")))
+    except OSError:
+        return "unknown (libggml-cpu.so not found)"
+    if not hasattr(library, "ggml_cpu_kq_rows"):
+        return "ggml's one row at a time (this llama.cpp lacks peerinfer's K-quant patch)"
+    library.ggml_cpu_kq_rows.restype = ctypes.c_int
+    if library.ggml_cpu_kq_rows() != 1:
+        return "ggml's one row at a time (GGML_CPU_KQ_ROWS=0, or not an AVX2 build)"
+    return "peerinfer's, 4 rows at a time"
+
+
 # llama_token_data as numpy sees it: a whole vocabulary of candidates for the grammar's slow path
 _GRAMMAR_FIRST = 512
 _NEAR_TOP = 10.0  # logits below the best: where log_softmax_top looks for the top k first
@@ -222,6 +241,7 @@ class LlamaBackend:
             else:
                 ctx_params.type_k = ctx_params.type_v = _GGML_TYPE_BF16
                 self.kv_cache = "bf16 (this llama.cpp lacks peerinfer's attention patch)"
+        self.kq_matmul = _kq_rows_kernel()
         ctx_params.no_perf = True
         if self._head is not None:
             self._eval_callback = lc.ggml_backend_sched_eval_callback(self._head.eval_address)
@@ -716,11 +736,12 @@ class LlamaEngine:
         self._scheduler = scheduler
         padded = sorted(backend.pad_rows)
         log.info(
-            "decode step by rows: %s ms%s; output product: %s; KV cache: %s",
+            "decode step by rows: %s ms%s; output product: %s; KV cache: %s; Q4_K/Q6_K matmul of 2+ rows: %s",
             ", ".join(f"{rows}: {ms:.1f}" for rows, ms in step_ms.items()),
             f"; steps of {padded} rows get a throw-away row in a free slot (cheaper)" if padded else "",
             backend.head_status,
             backend.kv_cache,
+            backend.kq_matmul,
         )
 
     def tokenize(self, prompt: str | Sequence[PromptPart], *, add_bos: bool) -> list[int]:
