@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import REPO, free_port, serve, servers, stream_completion, worker_env, write_results
+from bench_serving import ONE_ROW_KQ, REPO, free_port, serve, servers, stream_completion, worker_env, write_results
 
 sys.path.insert(0, str(REPO))
 from peerinfer.engine.model_files import open_model_file
@@ -103,7 +103,8 @@ def main() -> int:
     found = servers(model, args.threads, n_ctx, args.slots)
     worker = found[SYSTEMS[0]]
     server = next((command for name, command in found.items() if name.startswith("llama-server")), None)
-    commands = {SYSTEMS[0]: worker, SYSTEMS[1]: found[SYSTEMS[1]]}
+    # the one-row K-quant worker: what scripts/llama-cpp-patches/ggml-kq-rows.patch buys a prompt read
+    commands = {SYSTEMS[0]: worker, SYSTEMS[1]: found[SYSTEMS[1]], ONE_ROW_KQ: found[ONE_ROW_KQ]}
     if server is not None:
         commands[SYSTEMS[2]] = server
     else:
