@@ -81,7 +81,7 @@ def test_several_rows_of_k_quant_weights_take_the_patch_setup_applies(backend: L
     # scripts/llama-cpp-patches/ggml-kq-rows.patch: the cut cases above then run prompt chunks through it
     # and single tokens through ggml's one-row kernel (the bundled model's attn_output and ffn_down are
     # Q4_K and Q6_K), so they fail if its numbers differ from the one-row kernel's by one rounding.
-    assert backend.kq_matmul == "peerinfer's, 4 rows at a time"
+    assert backend.kq_matmul == "peerinfer's, 4 rows at a time, each thread its own share of rows"
 
 
 def test_a_users_row_exact_zero_keeps_the_stock_attention_and_a_bf16_cache(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -83,11 +83,13 @@ def _row_exact_attention() -> bool:
 
 
 def _kq_rows_kernel() -> str:
-    """Which kernel the loaded ggml multiplies Q4_K/Q6_K weights by for calls of 2+ rows.
+    """Which kernel the loaded ggml multiplies Q4_K/Q6_K weights by.
 
     scripts/llama-cpp-patches/ggml-kq-rows.patch adds one that shares each weight block's unpacking
     across up to 4 rows, with every output bit for bit the one-row kernel's (so batch invariance
-    holds with it). ``GGML_CPU_KQ_ROWS=0`` turns it off; ``avx2`` keeps AVX2 on an AVX-512 machine.
+    holds with it), and gives each thread a contiguous share of the weight rows. Its
+    ``ggml_cpu_kq_rows()`` says 2 (1 was the patch before the per-thread shares).
+    ``GGML_CPU_KQ_ROWS=0`` turns it off; ``avx2`` keeps AVX2 on an AVX-512 machine.
     """
     try:
         library = ctypes.CDLL(str(_ggml_base_library().with_name("libggml-cpu.so")))
@@ -96,9 +98,12 @@ def _kq_rows_kernel() -> str:
     if not hasattr(library, "ggml_cpu_kq_rows"):
         return "ggml's one row at a time (this llama.cpp lacks peerinfer's K-quant patch)"
     library.ggml_cpu_kq_rows.restype = ctypes.c_int
-    if library.ggml_cpu_kq_rows() != 1:
+    version = library.ggml_cpu_kq_rows()
+    if version == 0:
         return "ggml's one row at a time (GGML_CPU_KQ_ROWS=0, or not an AVX2 build)"
-    return "peerinfer's, 4 rows at a time"
+    if version == 1:
+        return "peerinfer's, 4 rows at a time (an older patch: rows handed to threads in turn)"
+    return "peerinfer's, 4 rows at a time, each thread its own share of rows"
 
 
 # llama_token_data as numpy sees it: a whole vocabulary of candidates for the grammar's slow path
