@@ -7,7 +7,11 @@ after being generated, leaves no trace in the numbers.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +92,62 @@ def test_a_users_row_exact_zero_keeps_the_stock_attention_and_a_bf16_cache(monke
     assert _row_exact_attention()  # this build has the patch
     monkeypatch.setenv("GGML_CPU_FA_ROW_EXACT", "0")
     assert not _row_exact_attention()
+
+
+_DIGEST_SCRIPT = """
+import hashlib, sys
+from peerinfer.engine.llama import LlamaBackend
+from peerinfer.engine.model_files import open_model_file
+from peerinfer.engine.scheduler import SlotWork
+from tests.conftest import worker_settings
+
+settings = worker_settings(slots=4, n_ctx=512, n_threads=2)
+backend = LlamaBackend(open_model_file(settings.model, settings.cache_dir), settings)
+text = "Indian railways carry 23 million passengers a day on 68,000 km of track. " * 10
+tokens = backend.tokenize(text, True)[:130]
+digest = hashlib.sha256()
+# 4 sequences: chunks of 64 and the 2-row rest, then 4-row and 1-row decode steps
+for slot in range(4):
+    for start in range(0, 130, 64):
+        part = tokens[start : start + 64]
+        outputs = backend._decode([SlotWork(slot, part, start, start + len(part) == 130)])
+    digest.update(backend.logits(outputs[-1][1]).tobytes())
+outputs = backend._decode([SlotWork(slot, [tokens[slot]], 130, True) for slot in range(4)])
+for _, index in outputs:
+    digest.update(backend.logits(index).tobytes())
+outputs = backend._decode([SlotWork(0, [tokens[5]], 131, True)])
+digest.update(backend.logits(outputs[0][1]).tobytes())
+print(backend.kq_matmul)
+print(digest.hexdigest())
+backend.close()
+"""
+
+
+def test_the_k_quant_patch_gives_ggmls_own_numbers_bit_for_bit_with_either_kernel() -> None:
+    # The patch's kernels (AVX-512 VNNI here when the CPU has it, AVX2 otherwise or when asked) and its
+    # per-thread shares of rows must give exactly the logits of ggml's own matmul (GGML_CPU_KQ_ROWS=0),
+    # for prompt chunks, a 2-row rest, a 4-row decode step and a 1-row one, with 2 threads.
+    results = {}
+    for mode in ("", "avx2", "0"):
+        env = (
+            {**os.environ, "GGML_CPU_KQ_ROWS": mode}
+            if mode
+            else {key: value for key, value in os.environ.items() if key != "GGML_CPU_KQ_ROWS"}
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", _DIGEST_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=Path(__file__).resolve().parent.parent,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        label, digest = done.stdout.split("\n")[-3:-1]
+        results[mode] = (label, digest)
+    assert results[""][0] == "peerinfer's, 4 rows at a time, each thread its own share of rows"
+    assert results["avx2"][0] == results[""][0]
+    assert results["0"][0].startswith("ggml's one row at a time")
+    assert results[""][1] == results["0"][1]
+    assert results["avx2"][1] == results["0"][1]
