@@ -95,7 +95,7 @@ def test_a_users_row_exact_zero_keeps_the_stock_attention_and_a_bf16_cache(monke
 
 
 _DIGEST_SCRIPT = """
-import hashlib, sys
+import hashlib
 from peerinfer.engine.llama import LlamaBackend
 from peerinfer.engine.model_files import open_model_file
 from peerinfer.engine.scheduler import SlotWork
