@@ -351,9 +351,13 @@ class CannedServer:
         self.answer = answer
         self.requests: list[bytes] = []
         self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(16)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("127.0.0.1", port))
+            self.sock.listen(16)
+        except OSError:
+            self.sock.close()  # a taken port: no socket is left for the garbage collector to warn about
+            raise
         self.sock.settimeout(0.2)
         self.port = int(self.sock.getsockname()[1])
         self.closing = threading.Event()
@@ -625,6 +629,26 @@ def test_the_operators_url_is_listed_as_set(tmp_path: Path, captured: Captured) 
             worker.stop()
 
 
+@contextlib.contextmanager
+def bootstrap_with_fake_dialback(
+    net: int, answer: Callable[[bytes], bytes | None]
+) -> Iterator[tuple[DhtNode, CannedServer]]:
+    """A DHT node on UDP and a canned server on TCP, one port number; a new node while that number is taken on TCP."""
+    for attempt in range(5):
+        with bootstrap_node(net) as boot:
+            try:
+                fake = CannedServer(answer, port=boot.port)
+            except OSError:
+                if attempt == 4:
+                    raise
+                continue
+            try:
+                yield boot, fake
+            finally:
+                fake.close()
+            return
+
+
 FAKE_BOOTSTRAPS: dict[str, Callable[[bytes], bytes | None]] = {
     "garbage": lambda request: http_answer(b"\x00\xff not json at all"),
     "lies": lambda request: http_answer(json.dumps({**GOOD_REPORT, "url": "http://evil.example:80"}).encode()),
@@ -640,19 +664,17 @@ def test_a_bootstrap_that_answers_badly_counts_as_no_answer_and_the_worker_keeps
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, captured: Captured, kind: str
 ) -> None:
     net = network_id()
-    with bootstrap_node(net) as boot:
-        fake = CannedServer(FAKE_BOOTSTRAPS[kind], port=boot.port)
-        try:
-            with guessing_worker(tmp_path, boot, net, monkeypatch) as worker:
-                wait_for_endpoints(boot, worker, (worker.url, f"ice://{worker.peer_id}"))
-                assert fake.requests and fake.requests[0].startswith(b"POST /peer/dialback ")
-                [line] = [line for line in captured.lines() if "no bootstrap answered" in line]
-                assert f"127.0.0.1:{boot.port}: no answer" in line
-                network = worker.app.state.network
-                rounds = network.announce_rounds
-                wait_until(lambda: network.announce_rounds >= rounds + 3, 20, "the worker stopped announcing")
-        finally:
-            fake.close()
+    with (
+        bootstrap_with_fake_dialback(net, FAKE_BOOTSTRAPS[kind]) as (boot, fake),
+        guessing_worker(tmp_path, boot, net, monkeypatch) as worker,
+    ):
+        wait_for_endpoints(boot, worker, (worker.url, f"ice://{worker.peer_id}"))
+        assert fake.requests and fake.requests[0].startswith(b"POST /peer/dialback ")
+        [line] = [line for line in captured.lines() if "no bootstrap answered" in line]
+        assert f"127.0.0.1:{boot.port}: no answer" in line
+        network = worker.app.state.network
+        rounds = network.announce_rounds
+        wait_until(lambda: network.announce_rounds >= rounds + 3, 20, "the worker stopped announcing")
 
 
 # --- the bootstrap command ---------------------------------------------------------------------
