@@ -81,11 +81,25 @@ def test_the_invariant_worker_keeps_an_f16_cache_with_the_attention_patch_setup_
     assert backend.kv_cache == "f16"
 
 
+_K_QUANTS_ONLY = "peerinfer's, each thread its own share of rows: Q4_K/Q6_K 8 rows at a time (Q5_0/Q8_0: tinyBLAS)"
+_WITH_Q5_0 = "peerinfer's, each thread its own share of rows: Q4_K/Q6_K 8 rows at a time, Q5_0/Q8_0 16 (AVX-512)"
+
+
+def _cpu_has_avx512_vnni() -> bool:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    return all(flag in flags for flag in ("avx512bw", "avx512vl", "avx512_vnni"))
+
+
+def _patch_label() -> str:
+    """What the patch's kernels say on this CPU: the Q5_0/Q8_0 one needs AVX-512 VNNI."""
+    return _WITH_Q5_0 if _cpu_has_avx512_vnni() else _K_QUANTS_ONLY
+
+
 def test_several_rows_of_k_quant_weights_take_the_patch_setup_applies(backend: LlamaBackend) -> None:
     # scripts/llama-cpp-patches/ggml-kq-rows.patch: the cut cases above then run prompt chunks through it
-    # and single tokens through ggml's one-row kernel (the bundled model's attn_output and ffn_down are
-    # Q4_K and Q6_K), so they fail if its numbers differ from the one-row kernel's by one rounding.
-    assert backend.kq_matmul == "peerinfer's, 4 rows at a time, each thread its own share of rows"
+    # and single tokens through ggml's one-row kernels (the bundled model's attn_output and ffn_down are
+    # Q4_K and Q6_K, most of the rest Q5_0), so they fail if its numbers differ from ggml's by one rounding.
+    assert backend.kq_matmul == _patch_label()
 
 
 def test_a_users_row_exact_zero_keeps_the_stock_attention_and_a_bf16_cache(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,22 +115,23 @@ from peerinfer.engine.model_files import open_model_file
 from peerinfer.engine.scheduler import SlotWork
 from tests.conftest import worker_settings
 
-settings = worker_settings(slots=4, n_ctx=512, n_threads=2)
+settings = worker_settings(slots=8, n_ctx=512, n_threads=2)
 backend = LlamaBackend(open_model_file(settings.model, settings.cache_dir), settings)
 text = "Indian railways carry 23 million passengers a day on 68,000 km of track. " * 10
 tokens = backend.tokenize(text, True)[:130]
 digest = hashlib.sha256()
-# 4 sequences: chunks of 64 and the 2-row rest, then 4-row and 1-row decode steps
-for slot in range(4):
+# 8 sequences: chunks of 64 and the 2-row rest, then decode steps of 8, 7, 5, 3, 2 and 1 rows
+for slot in range(8):
     for start in range(0, 130, 64):
         part = tokens[start : start + 64]
         outputs = backend._decode([SlotWork(slot, part, start, start + len(part) == 130)])
     digest.update(backend.logits(outputs[-1][1]).tobytes())
-outputs = backend._decode([SlotWork(slot, [tokens[slot]], 130, True) for slot in range(4)])
-for _, index in outputs:
-    digest.update(backend.logits(index).tobytes())
-outputs = backend._decode([SlotWork(0, [tokens[5]], 131, True)])
-digest.update(backend.logits(outputs[0][1]).tobytes())
+for step, rows in enumerate((8, 7, 5, 3, 2, 1)):
+    outputs = backend._decode([SlotWork(slot, [tokens[slot + rows]], 130 + step, True) for slot in range(rows)])
+    for _, index in outputs:
+        digest.update(backend.logits(index).tobytes())
+    if rows < 8:  # the other slots' token for this position, without logits
+        backend._decode([SlotWork(slot, [tokens[slot]], 130 + step, False) for slot in range(rows, 8)])
 print(backend.kq_matmul)
 print(digest.hexdigest())
 backend.close()
@@ -125,8 +140,9 @@ backend.close()
 
 def test_the_k_quant_patch_gives_ggmls_own_numbers_bit_for_bit_with_either_kernel() -> None:
     # The patch's kernels (AVX-512 VNNI here when the CPU has it, AVX2 otherwise or when asked) and its
-    # per-thread shares of rows must give exactly the logits of ggml's own matmul (GGML_CPU_KQ_ROWS=0),
-    # for prompt chunks, a 2-row rest, a 4-row decode step and a 1-row one, with 2 threads.
+    # per-thread shares of rows must give exactly the logits of ggml's own matmul (GGML_CPU_KQ_ROWS=0:
+    # vec_dot for one row, tinyBLAS for Q5_0 from two), for prompt chunks, a 2-row rest, and decode steps
+    # of 8 rows down to 1, odd counts included, with 2 threads.
     results = {}
     for mode in ("", "avx2", "0"):
         env = (
@@ -146,8 +162,8 @@ def test_the_k_quant_patch_gives_ggmls_own_numbers_bit_for_bit_with_either_kerne
         assert done.returncode == 0, done.stderr[-2000:]
         label, digest = done.stdout.split("\n")[-3:-1]
         results[mode] = (label, digest)
-    assert results[""][0] == "peerinfer's, 4 rows at a time, each thread its own share of rows"
-    assert results["avx2"][0] == results[""][0]
+    assert results[""][0] == _patch_label()
+    assert results["avx2"][0] == _K_QUANTS_ONLY
     assert results["0"][0].startswith("ggml's one row at a time")
     assert results[""][1] == results["0"][1]
     assert results["avx2"][1] == results["0"][1]

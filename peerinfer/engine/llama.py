@@ -83,13 +83,15 @@ def _row_exact_attention() -> bool:
 
 
 def _kq_rows_kernel() -> str:
-    """Which kernel the loaded ggml multiplies Q4_K/Q6_K weights by.
+    """Which kernels the loaded ggml multiplies Q4_K/Q6_K and Q5_0/Q8_0 weights by.
 
-    scripts/llama-cpp-patches/ggml-kq-rows.patch adds one that shares each weight block's unpacking
-    across up to 4 rows, with every output bit for bit the one-row kernel's (so batch invariance
-    holds with it), and gives each thread a contiguous share of the weight rows. Its
-    ``ggml_cpu_kq_rows()`` says 2 (1 was the patch before the per-thread shares).
-    ``GGML_CPU_KQ_ROWS=0`` turns it off; ``avx2`` keeps AVX2 on an AVX-512 machine.
+    scripts/llama-cpp-patches/ggml-kq-rows.patch adds kernels that share each weight block's unpacking
+    across several rows (8 for Q4_K/Q6_K; 16 for Q5_0/Q8_0, with AVX-512 VNNI only), with every output
+    bit for bit ggml's own kernels' (so batch invariance holds with them), and gives each thread a
+    contiguous share of the weight rows. Its ``ggml_cpu_kq_rows()`` says 4 when the Q5_0/Q8_0 kernel
+    runs, 3 when only the K-quant one does; 2 and 1 are older patches.
+    ``GGML_CPU_KQ_ROWS=0`` turns them off; ``avx2`` keeps AVX2 (and tinyBLAS for Q5_0/Q8_0) on an
+    AVX-512 machine.
     """
     try:
         library = ctypes.CDLL(str(_ggml_base_library().with_name("libggml-cpu.so")))
@@ -103,7 +105,11 @@ def _kq_rows_kernel() -> str:
         return "ggml's one row at a time (GGML_CPU_KQ_ROWS=0, or not an AVX2 build)"
     if version == 1:
         return "peerinfer's, 4 rows at a time (an older patch: rows handed to threads in turn)"
-    return "peerinfer's, 4 rows at a time, each thread its own share of rows"
+    if version == 2:
+        return "peerinfer's, 4 rows at a time, each thread its own share of rows (an older patch: K-quants only)"
+    if version == 3:
+        return "peerinfer's, each thread its own share of rows: Q4_K/Q6_K 8 rows at a time (Q5_0/Q8_0: tinyBLAS)"
+    return "peerinfer's, each thread its own share of rows: Q4_K/Q6_K 8 rows at a time, Q5_0/Q8_0 16 (AVX-512)"
 
 
 # llama_token_data as numpy sees it: a whole vocabulary of candidates for the grammar's slow path
