@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import requests
@@ -343,6 +344,9 @@ def test_a_slow_or_silent_server_is_not_reachable_and_the_answer_comes_by_the_de
     assert answer["reachable"] is False and "within 3 s" in str(answer["reason"])
 
 
+Served = TypeVar("Served")
+
+
 class CannedServer:
     """A TCP server on 127.0.0.1 (on ``port`` if given) that answers every request with ``answer(...)`` bytes;
     ``None`` means: read the request and never answer."""
@@ -553,25 +557,32 @@ def guessing_worker(
 
 
 @contextlib.contextmanager
-def bootstrap_with_dialback(net: int) -> Iterator[DhtNode]:
-    """What ``python -m peerinfer bootstrap`` runs: a DHT node on UDP and the dial-back on TCP, one port number.
+def bootstrap_with_tcp(net: int, listen: Callable[[int], Served]) -> Iterator[tuple[DhtNode, Served]]:
+    """A DHT node on UDP and ``listen(its port)`` on TCP, one port number.
 
     The OS picks the UDP port; that number can be taken on TCP (another test's connection): a new node then.
     """
     for attempt in range(5):
         with bootstrap_node(net) as boot:
             try:
-                server = DialbackServer.listen("127.0.0.1", boot.port)
+                served = listen(boot.port)
             except OSError:
                 if attempt == 4:
                     raise
                 continue
-            wait_until(lambda server=server: server.server.started, 10, "the dial-back service did not start")
-            try:
-                yield boot
-            finally:
-                server.stop()
+            yield boot, served
             return
+
+
+@contextlib.contextmanager
+def bootstrap_with_dialback(net: int) -> Iterator[DhtNode]:
+    """What ``python -m peerinfer bootstrap`` runs: a DHT node on UDP and the dial-back on TCP, one port number."""
+    with bootstrap_with_tcp(net, lambda port: DialbackServer.listen("127.0.0.1", port)) as (boot, server):
+        wait_until(lambda: server.server.started, 10, "the dial-back service did not start")
+        try:
+            yield boot
+        finally:
+            server.stop()
 
 
 def test_a_reachable_worker_lists_the_url_it_was_reached_at_then_ice(
@@ -633,20 +644,12 @@ def test_the_operators_url_is_listed_as_set(tmp_path: Path, captured: Captured) 
 def bootstrap_with_fake_dialback(
     net: int, answer: Callable[[bytes], bytes | None]
 ) -> Iterator[tuple[DhtNode, CannedServer]]:
-    """A DHT node on UDP and a canned server on TCP, one port number; a new node while that number is taken on TCP."""
-    for attempt in range(5):
-        with bootstrap_node(net) as boot:
-            try:
-                fake = CannedServer(answer, port=boot.port)
-            except OSError:
-                if attempt == 4:
-                    raise
-                continue
-            try:
-                yield boot, fake
-            finally:
-                fake.close()
-            return
+    """A DHT node on UDP and a canned server on TCP, one port number."""
+    with bootstrap_with_tcp(net, lambda port: CannedServer(answer, port=port)) as (boot, fake):
+        try:
+            yield boot, fake
+        finally:
+            fake.close()
 
 
 FAKE_BOOTSTRAPS: dict[str, Callable[[bytes], bytes | None]] = {
