@@ -346,6 +346,13 @@ def test_on_the_4g_profile_streams_arrive_whole_with_their_keep_alives(fresh: La
     assert body.rstrip().endswith("data: [DONE]")
 
 
+# A relayed path on the 4G profile takes about 5.3 s to set up on an idle machine (bench/RESULTS.md),
+# against the 10 s default for one ICE path. A suite that shares its 2 cores with other work (CI beside
+# a build) has seen that doubled, so the client here gets deadlines sized for the shaped link: the
+# test asks whether failover works across these links, not whether it beats the defaults on a busy machine.
+SHAPED_CLIENT = {"PEERINFER_ICE_TIMEOUT_S": "30", "PEERINFER_CHOOSE_TIMEOUT_S": "15"}
+
+
 def test_on_the_4g_profile_a_worker_killed_mid_answer_is_resumed_by_the_other(fresh: Lab) -> None:
     slow = {"PEERINFER_TEST_TOKEN_DELAY_S": "0.1"}
     peers = {"home": fresh.start_worker("home", **slow), "cgnat": fresh.start_worker("cgnat", **slow)}
@@ -354,7 +361,7 @@ def test_on_the_4g_profile_a_worker_killed_mid_answer_is_resumed_by_the_other(fr
         client = fresh.nat.client.popen(
             [sys.executable, "-m", "tests.nat_client", "chat", "Tell me the story.", "--max-tokens", "200"],
             cwd=REPO,
-            env=fresh.env("client"),
+            env=fresh.env("client", **SHAPED_CLIENT),
             stdout=subprocess.PIPE,
             stderr=sink,
         )
@@ -371,8 +378,10 @@ def test_on_the_4g_profile_a_worker_killed_mid_answer_is_resumed_by_the_other(fr
     out, _ = client.communicate(timeout=CLIENT_TIMEOUT_S)
     if client.stdout is not None:
         client.stdout.close()
-    assert killed is not None, (fresh.tmp / "client.log").read_text()[-3000:]
-    assert client.returncode == 0, (fresh.tmp / "client.log").read_text()[-3000:]
+    # the later tests of this module rewrite the workers' logs: a failure carries them now
+    logs = "\n".join(f"--- {name}.log\n{fresh.worker_log(name)[-2000:]}" for name in peers)
+    assert killed is not None, (fresh.tmp / "client.log").read_text()[-3000:] + logs
+    assert client.returncode == 0, (fresh.tmp / "client.log").read_text()[-3000:] + logs
     result = json.loads(out.splitlines()[-1])
     assert result["text"] == STORY, result
     switches = result["switches"]

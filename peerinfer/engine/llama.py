@@ -86,12 +86,11 @@ def _kq_rows_kernel() -> str:
     """Which kernels the loaded ggml multiplies Q4_K/Q6_K and Q5_0/Q8_0 weights by.
 
     scripts/llama-cpp-patches/ggml-kq-rows.patch adds kernels that share each weight block's unpacking
-    across several rows (8 for Q4_K/Q6_K; 16 for Q5_0/Q8_0, with AVX-512 VNNI only), with every output
-    bit for bit ggml's own kernels' (so batch invariance holds with them), and gives each thread a
-    contiguous share of the weight rows. Its ``ggml_cpu_kq_rows()`` says 4 when the Q5_0/Q8_0 kernel
-    runs, 3 when only the K-quant one does; 2 and 1 are older patches.
-    ``GGML_CPU_KQ_ROWS=0`` turns them off; ``avx2`` keeps AVX2 (and tinyBLAS for Q5_0/Q8_0) on an
-    AVX-512 machine.
+    across several rows (8 for Q4_K/Q6_K; for Q5_0/Q8_0 16 with AVX-512 VNNI, 8 with AVX2), with every
+    output bit for bit ggml's own kernels' (so batch invariance holds with them), and gives each thread a
+    contiguous share of the weight rows. Its ``ggml_cpu_kq_rows()`` says 4 with the AVX-512 kernels and 5
+    with the AVX2 ones; 3, 2 and 1 are older patches (3: Q5_0/Q8_0 left to tinyBLAS without VNNI).
+    ``GGML_CPU_KQ_ROWS=0`` turns them off; ``avx2`` keeps the AVX2 kernels on an AVX-512 machine.
     """
     try:
         library = ctypes.CDLL(str(_ggml_base_library().with_name("libggml-cpu.so")))
@@ -108,7 +107,12 @@ def _kq_rows_kernel() -> str:
     if version == 2:
         return "peerinfer's, 4 rows at a time, each thread its own share of rows (an older patch: K-quants only)"
     if version == 3:
-        return "peerinfer's, each thread its own share of rows: Q4_K/Q6_K 8 rows at a time (Q5_0/Q8_0: tinyBLAS)"
+        return (
+            "peerinfer's, each thread its own share of rows: Q4_K/Q6_K 8 rows at a time (Q5_0/Q8_0: tinyBLAS; "
+            "an older patch)"
+        )
+    if version == 5:
+        return "peerinfer's, each thread its own share of rows: Q4_K/Q6_K and Q5_0/Q8_0 8 rows at a time (AVX2)"
     return "peerinfer's, each thread its own share of rows: Q4_K/Q6_K 8 rows at a time, Q5_0/Q8_0 16 (AVX-512)"
 
 
