@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shlex
 import statistics
 import sys
@@ -26,7 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import ONE_ROW_KQ, REPO, free_port, serve, servers, stream_completion, worker_env, write_results
+from bench_serving import (
+    ONE_ROW_KQ,
+    REPO,
+    cpu_name,
+    free_port,
+    serve,
+    servers,
+    stream_completion,
+    worker_env,
+    write_results,
+)
 
 sys.path.insert(0, str(REPO))
 from peerinfer.engine.model_files import open_model_file
@@ -92,6 +103,7 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--chart", default=str(REPO / "bench" / "cold.png"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--section", default="cold", help="RESULTS.md section to write (default: cold)")
     args = parser.parse_args()
     lengths = [int(length) for length in args.lengths.split(",")]
     rounds = 1 if args.quick else args.rounds
@@ -140,16 +152,18 @@ def main() -> int:
     if not args.quick:
         chart(commands, lengths, rounds, cells, Path(args.chart))
         command = "bash bench/setup_peers.sh && .venv/bin/python bench/bench_cold.py " + shlex.join(sys.argv[1:])
+        title = "" if args.section == "cold" else f": {args.section}"
         body = (
-            "## Cold prompt reading (issue 14, part 1)\n\n"
+            f"## Cold prompt reading (issue 14, part 1){title}\n\n"
             f"Command: `{command.strip()}`\n\n"
+            f"Machine: {os.cpu_count()} cores ({cpu_name()}).\n\n"
             f"{rounds} rounds, {args.repeats} cold requests per length and round, {args.threads} threads, "
             f"{args.slots} slots of {n_ctx} tokens, temperature 0, one token asked for, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Every request starts with a line of its own, "
             "so nothing is reused. Read: the time to the first token.\n\n"
-            f"{report}\n\n![cold prompt reading](cold.png)\n"
+            f"{report}\n\n![cold prompt reading]({Path(args.chart).name})\n"
         )
-        write_results("cold", body)
+        write_results(args.section, body)
     return 0
 
 

@@ -116,11 +116,18 @@ class Row:
 
 
 def cpu_name() -> str:
-    """The CPU's model name, for the results' machine line."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+    """The CPU's model name and widest vector kernels, for the results' machine line.
+
+    A VM may call very different CPUs "AMD EPYC"; which of the patch's and the head's kernels run (AVX2
+    or AVX-512 VNNI) moves every number here, so the line says it.
+    """
+    text = Path("/proc/cpuinfo").read_text()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    family = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("cpu family")), "?")
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model\t")), "?")
+    vectors = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+    return f"{name or 'unknown CPU'}, family {family} model {model}, {vectors}"
 
 
 def free_port() -> int:
