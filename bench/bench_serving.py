@@ -121,13 +121,14 @@ def cpu_name() -> str:
     A VM may call very different CPUs "AMD EPYC"; which of the patch's and the head's kernels run (AVX2
     or AVX-512 VNNI) moves every number here, so the line says it.
     """
-    text = Path("/proc/cpuinfo").read_text()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    family = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("cpu family")), "?")
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model\t")), "?")
+    fields: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first CPU's lines are enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = fields.get("flags", "").split()
     vectors = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
-    return f"{name or 'unknown CPU'}, family {family} model {model}, {vectors}"
+    name = fields.get("model name") or "unknown CPU"
+    return f"{name}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {vectors}"
 
 
 def free_port() -> int:
