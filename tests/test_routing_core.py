@@ -75,6 +75,10 @@ def state(**changes: Any) -> ChoiceState:
         (state(passed=[probe("a")], first_pass_at=1.0), 1.01, 0, 5, "done", 0),  # no one else to wait for
         (state(passed=[probe("a")], first_pass_at=1.0, prefer="a"), 1.01, 2, 5, "done", 0),  # the preferred peer
         (state(passed=[probe("a", free=0)], first_pass_at=1.0, prefer="a"), 1.01, 2, 5, "wait", 0),  # ...if free
+        (state(passed=[probe("a", free=0)], first_pass_at=1.0), 1.06, 2, 5, "wait", 0),  # all full: no grace limit
+        (state(passed=[probe("a", free=0), probe("b")], first_pass_at=1.0), 1.06, 2, 5, "done", 0),
+        (state(passed=[probe("a", free=0)], first_pass_at=1.0), 1.06, 0, 5, "done", 0),  # nobody left in flight
+        (state(passed=[probe("a", free=0)], first_pass_at=1.0), 10.0, 2, 5, "done", 0),  # the deadline
     ],
 )
 def test_the_choice_takes_the_right_step(
@@ -90,6 +94,7 @@ def test_a_wait_wakes_for_the_next_wave_the_grace_or_the_deadline() -> None:
     assert plan_choice(state(launched_at=1.0), 1.1, 3, 5, 64).until == pytest.approx(1.25)
     assert plan_choice(state(passed=[probe("a")], first_pass_at=1.0), 1.01, 3, 5, 64).until == pytest.approx(1.05)
     assert plan_choice(state(launched_at=1.0, looked_again=True), 1.1, 3, 0, 64).until == 10.0
+    assert plan_choice(state(passed=[probe("a", free=0)], first_pass_at=1.0), 1.01, 3, 5, 64).until == 10.0
 
 
 # --- what each peer is asked ----------------------------------------------------------------------
@@ -218,6 +223,7 @@ class ScriptedPeer:
     status: int = 200
     gzip_health: bool = False
     claimed_tokens: int | None = None  # what its usage says, if not the truth
+    slots_free: int = 4  # what its /health says, of 4
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, host: str) -> bytes:
@@ -246,7 +252,7 @@ class ScriptedPeers:
         peer = self.peers[request.url.host]
         if request.url.path == "/health":
             body = json.dumps(
-                {"status": "ok", "sha256": SHA, "slots_total": 4, "slots_free": 4, "requests_waiting": 0}
+                {"status": "ok", "sha256": SHA, "slots_total": 4, "slots_free": peer.slots_free, "requests_waiting": 0}
             ).encode()
             if peer.gzip_health:
                 return httpx.Response(200, content=gzip.compress(body), headers={"Content-Encoding": "gzip"})
@@ -495,6 +501,47 @@ def test_a_fresh_probe_counts_the_streams_sent_since_and_a_full_peer_is_probed_a
             await router.aclose()
 
     assert asyncio.run(run()) == (0, 2)
+
+
+@pytest.mark.parametrize("far_delay_s", [0.0, 0.3])
+def test_requests_that_choose_at_once_see_each_others_picks_and_do_not_crowd_one_peer(far_delay_s: float) -> None:
+    # Each peer has one free slot. Two answers choose at the same moment and share the same probes;
+    # far.test's probe may come back after the grace that near.test's starts. The second answer must
+    # still see that the first took near.test's slot, and wait for far.test rather than queue.
+    peers = ScriptedPeers({"near.test": ScriptedPeer(slots_free=1), "far.test": ScriptedPeer(slots_free=1)})
+    inner = peers.transport
+
+    async def slow_far(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "far.test" and request.url.path == "/health":
+            await asyncio.sleep(far_delay_s)
+        return await inner.handle_async_request(request)
+
+    async def run() -> list[str]:
+        router = Router(
+            Discovery(Store(peers.values()), timeout_s=0.5), WorkerHttp(transport=httpx.MockTransport(slow_far))
+        )
+        try:
+            opened: list[str] = []
+            both = asyncio.Event()
+
+            async def answer() -> str:
+                text = ""
+                async for event in router.answer(chat_plan({"messages": HISTORY, "stream": True})):
+                    if isinstance(event, PeerOpened):
+                        opened.append(event.url)
+                        if len(opened) == 2:
+                            both.set()
+                        await both.wait()  # the first answer holds its slot until the second has chosen
+                    else:
+                        text += event.chunk.text or ""
+                return text
+
+            assert await asyncio.gather(answer(), answer()) == [STORY, STORY]
+            return sorted(opened)
+        finally:
+            await router.aclose()
+
+    assert asyncio.run(run()) == ["http://far.test", "http://near.test"]
 
 
 def test_a_stale_lookup_is_answered_at_once_while_a_new_one_runs_in_the_background() -> None:

@@ -145,9 +145,9 @@ class RoutedAnswer:
             stream: WorkerStream | None = None
             peer_first: float | None = None
             usage: tuple[int | None, int | None] = (None, None)
+            router.serving(record.peer_id, +1)  # no await since the pick: the next request to choose sees it
             try:
                 stream = await router.http.open_stream(probe.url, self.plan.path, body, max_tokens=limit)
-                router.serving(record.peer_id, +1)
                 self.peers.append(probe.url)
                 yield PeerOpened(record.peer_id, probe.url, switch)
                 async for chunk in stream.chunks():
@@ -173,8 +173,8 @@ class RoutedAnswer:
                     ) from exc
                 continue
             finally:
+                router.serving(record.peer_id, -1)
                 if stream is not None:
-                    router.serving(record.peer_id, -1)
                     await stream.aclose()
             if stream is not None and stream.overran:
                 # More text than was asked for: the answer ends at the limit, the peer is not trusted again soon.

@@ -286,18 +286,28 @@ class Router:
             raise exc
         raise PeerRejected("error", str(exc)) from exc
 
-    def fresh_probe(self, peer_id: str, now: float) -> Probe | None:
-        """The peer's last probe if it is younger than ``probe_fresh_s``, its free slots lowered by
-        the streams this router has opened to it since; None otherwise."""
+    def counted(self, peer_id: str) -> Probe | None:
+        """The peer's last probe, its free slots lowered by the streams this router has sent it since."""
         probe = self._probes.get(peer_id)
         probed = self._probed_at.get(peer_id)
-        if probe is None or probed is None or now - probed[0] > self.options.probe_fresh_s:
+        if probe is None or probed is None:
             return None
-        opened_since = max(0, self._serving[peer_id] - probed[1])
-        return dataclasses.replace(probe, slots_free=max(0, probe.slots_free - opened_since))
+        sent_since = max(0, self._serving[peer_id] - probed[1])
+        return dataclasses.replace(probe, slots_free=max(0, probe.slots_free - sent_since))
+
+    def fresh_probe(self, peer_id: str, now: float) -> Probe | None:
+        """The peer's last probe if it is younger than ``probe_fresh_s``, as ``counted``; None otherwise."""
+        probed = self._probed_at.get(peer_id)
+        if probed is None or now - probed[0] > self.options.probe_fresh_s:
+            return None
+        return self.counted(peer_id)
 
     def serving(self, peer_id: str, change: int) -> None:
-        """A stream to the peer opened (+1) or ended (-1): what a fresh probe did not see yet."""
+        """A stream was sent to the peer (+1, when it is chosen) or ended (-1): what its last probe did not see.
+
+        Counted from the choice, not from the peer's first byte, so requests that choose at the same
+        moment see each other's picks and fill the free slots of several peers, not those of one.
+        """
         self._serving[peer_id] += change
         if self._serving[peer_id] <= 0:
             del self._serving[peer_id]
@@ -346,6 +356,8 @@ class Router:
         pending: dict[asyncio.Task[Probe], PeerRecord] = {}
         try:
             while True:
+                # The peers that passed, as this router's own picks since their probes left them.
+                state.passed = [self.counted(probe.peer_id) or probe for probe in state.passed]
                 step = plan_choice(state, time.monotonic(), len(pending), len(queue), options.max_parallel_probes)
                 if step.kind == "look_again":
                     state.looked_again = True  # every candidate is in flight or failed: look for others meanwhile

@@ -126,7 +126,8 @@ def plan_choice(state: ChoiceState, now: float, in_flight: int, queued: int, max
     - While nothing has passed: probes start in waves (``probes_to_launch``); when every candidate
       is in flight or failed and a wave interval went by, one fresh lookup, once.
     - Once one passed, the others get as long again as its round trip (at least ``grace_s``), or
-      none at all if the preferred peer passed with a free slot.
+      none at all if the preferred peer passed with a free slot. While every peer that passed is
+      full, the others in flight get until the deadline: a full peer's queue costs seconds.
     - It is done at the deadline, or when nothing is left to probe or wait for.
     """
     due = now - state.launched_at >= state.interval_s
@@ -140,9 +141,11 @@ def plan_choice(state: ChoiceState, now: float, in_flight: int, queued: int, max
     grace_until = math.inf
     if state.passed:
         grace_until = state.first_pass_at + max(state.grace_s, state.passed[0].rtt_s)
-        preferred_free = any(probe.peer_id == state.prefer and probe.slots_free > 0 for probe in state.passed)
-        if in_flight == 0 or now >= grace_until or preferred_free:
+        free = [probe for probe in state.passed if probe.slots_free > 0]
+        if in_flight == 0 or any(probe.peer_id == state.prefer for probe in free) or (free and now >= grace_until):
             return ChoiceStep("done")
+        if not free:
+            grace_until = math.inf
     if (in_flight == 0 and queued == 0) or now >= state.deadline:
         return ChoiceStep("done")
     next_wave = state.launched_at + state.interval_s if queued and not state.passed else math.inf
