@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -282,8 +283,15 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 
     raise RuntimeError(f"server at {url} did not become healthy")
 
 
-def serve(command: list[str], env: dict[str, str], port: int) -> tuple[str, subprocess.Popen[bytes]]:
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def serve(
+    command: list[str], env: dict[str, str], port: int, log: Path | None = None
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """A server started with ``command`` and warmed up; its stderr goes to ``log`` if given."""
+    if log is None:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        with log.open("wb") as sink:
+            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=sink)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
@@ -294,6 +302,13 @@ def serve(command: list[str], env: dict[str, str], port: int) -> tuple[str, subp
     return url, process
 
 
+def load_line(log: Path) -> str | None:
+    """The worker's line on its load calibration (step time by rows, and which row counts it pads)."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    found = [line for line in lines if "decode step by rows" in line]
+    return found[-1][found[-1].index("decode step by rows") :].split("; output product")[0] if found else None
+
+
 def worker_env(model: Path, threads: int, n_ctx: int, slots: int, **extra: str) -> dict[str, str]:
     """This process's environment without its own PEERINFER_* settings, plus the bench's worker settings."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PEERINFER_")}
@@ -302,7 +317,7 @@ def worker_env(model: Path, threads: int, n_ctx: int, slots: int, **extra: str) 
         PEERINFER_N_THREADS=str(threads),
         PEERINFER_N_CTX=str(n_ctx),
         PEERINFER_SLOTS=str(slots),
-        PEERINFER_LOG_LEVEL="WARNING",
+        PEERINFER_LOG_LEVEL="INFO",  # its INFO lines are the load's (the calibration), none per request
         **extra,
     )
     return env
@@ -455,8 +470,13 @@ def write_results(section: str, body: str) -> None:
     results.write_text(text)
 
 
-def run_round(args: argparse.Namespace, model: Path, levels: list[int], total: int, wanted: set[str]) -> list[Row]:
-    """Every selected system once, each alone on the machine, one after the other."""
+def run_round(
+    args: argparse.Namespace, model: Path, levels: list[int], total: int, wanted: set[str], loads: list[str]
+) -> list[Row]:
+    """Every selected system once, each alone on the machine, one after the other.
+
+    Each worker's load calibration line is added to ``loads``: a noisy one can pad a row count.
+    """
     rows: list[Row] = []
     if not wanted or "in-process" in wanted:
         print("running llama.cpp in-process ...", file=sys.stderr)
@@ -470,7 +490,12 @@ def run_round(args: argparse.Namespace, model: Path, levels: list[int], total: i
                 continue
             port = free_port()
             print(f"running {name} ...", file=sys.stderr)
-            url, process = serve(command(port), env, port)
+            log = Path(tempfile.gettempdir()) / f"bench-serving-{port}.log"
+            url, process = serve(command(port), env, port, log)
+            line = load_line(log)
+            if line is not None:
+                loads.append(f"{name}: {line}")
+                print(loads[-1], file=sys.stderr)
             try:
                 for feature in args.features.split(","):
                     for level in levels:
@@ -480,6 +505,7 @@ def run_round(args: argparse.Namespace, model: Path, levels: list[int], total: i
             finally:
                 process.terminate()
                 process.wait(timeout=30)
+                log.unlink(missing_ok=True)
     return rows
 
 
@@ -628,9 +654,12 @@ def main() -> int:
     wanted = {name.strip() for name in args.only.split(",") if name.strip()}
 
     rounds: list[list[Row]] = []
+    loads: list[str] = []
     for round_number in range(args.rounds):
         print(f"round {round_number + 1} of {args.rounds}", file=sys.stderr)
-        rounds.append(run_round(args, model, levels, total, wanted))
+        start = len(loads)
+        rounds.append(run_round(args, model, levels, total, wanted, loads))
+        loads[start:] = [f"round {round_number + 1}, {line}" for line in loads[start:]]
         rows.extend(rounds[-1])
     rows = merge(rows)
     report = table(rows)
@@ -649,6 +678,9 @@ def main() -> int:
             "\n\nWhat each feature costs, within each round (aggregate tok/s over the same system's plain rows):\n\n"
         )
         report += costs
+    if loads:
+        report += "\n\nEach worker's load calibration (what it logged at start):\n\n"
+        report += "\n".join(f"- {line}" for line in loads)
     print(report)
     if not args.quick:
         command = "bash bench/setup_peers.sh && .venv/bin/python bench/bench_serving.py " + shlex.join(sys.argv[1:])

@@ -9,6 +9,7 @@ from peerinfer.engine.batching import (
     Fillers,
     choose_pad_slot,
     choose_slot,
+    confirmed_pad_rows,
     fillers,
     outputs_in_batch_order,
     reusable_prefix,
@@ -31,6 +32,18 @@ def test_rows_to_pad_picks_the_counts_one_more_row_makes_clearly_cheaper() -> No
     assert rows_to_pad(measured) == {3, 7}
     assert rows_to_pad({1: 14.0, 2: 26.0, 3: 38.0, 4: 50.0}) == set()  # costs that grow: never pad
     assert rows_to_pad({1: 14.0}) == set()
+
+
+def test_a_count_to_pad_must_be_confirmed_by_the_medians_of_interleaved_steps() -> None:
+    # An 8-slot load on this VM: the best of 3 made 4 rows (27.6 ms) look dearer than 5 (24.9);
+    # timed again in turns, 4 rows took a median of 24.3 ms and 5 rows 27.7: padding would cost 14%.
+    noisy = {3: [21.0, 19.8, 19.9], 4: [24.0, 24.3, 24.9, 23.8, 28.0], 5: [27.7, 27.1, 25.4, 28.3, 27.9]}
+    assert confirmed_pad_rows({4}, noisy) == set()
+    # llama.cpp's Q8_0 output product, 2 rows at a time: 3 rows cost more than 4 every time.
+    stepped = {3: [50.2, 49.8, 51.0, 62.0, 50.5], 4: [43.4, 44.0, 51.0, 43.1, 43.9]}
+    assert confirmed_pad_rows({3}, stepped) == {3}
+    assert confirmed_pad_rows(set(), stepped) == set()  # only counts the first measurement picked
+    assert confirmed_pad_rows({3}, {3: [50.0], 4: []}) == set()  # nothing to compare with
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ import llama_cpp.llama_grammar as lc_grammar
 import numpy as np
 
 from peerinfer.engine.base import EngineStats, Generation, ModelInfo, SamplingParams
-from peerinfer.engine.batching import fillers, outputs_in_batch_order, rows_to_pad
+from peerinfer.engine.batching import confirmed_pad_rows, fillers, outputs_in_batch_order, rows_to_pad
 from peerinfer.engine.json_schema import WHERE, check_grammar_size, check_schema, refuse
 from peerinfer.engine.model_files import ModelFile, open_model_file
 from peerinfer.engine.output_head import CAPTURE, KERNEL_NAMES, OFF, SKIP, HeadUnavailable, OutputHead, open_head
@@ -118,6 +118,7 @@ def _kq_rows_kernel() -> str:
 
 # llama_token_data as numpy sees it: a whole vocabulary of candidates for the grammar's slow path
 _GRAMMAR_FIRST = 512
+CONFIRM_STEPS = 7  # turns of interleaved steps that confirm a row count to pad
 _NEAR_TOP = 10.0  # logits below the best: where log_softmax_top looks for the top k first
 _CANDIDATE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 assert _CANDIDATE.itemsize == ctypes.sizeof(lc.llama_token_data)
@@ -282,6 +283,7 @@ class LlamaBackend:
         self._scratch = np.empty(self.n_vocab, dtype=np.float32)
         self._one = (lc.llama_token_data * 1)()
         self._pad_rows: frozenset[int] = frozenset()
+        self.unconfirmed_pad_rows: frozenset[int] = frozenset()  # counts the first timing would have padded
         self._head_on = False  # set by calibrate once the head's logits match llama.cpp's
         self._pieces: dict[int, bytes] = {}
         template = lc.llama_model_chat_template(model, None)
@@ -546,26 +548,36 @@ class LlamaBackend:
     def calibrate(self, pad_rows: frozenset[int] | None = None) -> dict[int, float]:
         """Time a step of 1 to ``slots`` rows once, at load, and pad the row counts that one more row speeds up.
 
-        Returns the best of 3 times per row count, in ms. Must run before any slot is in use.
+        Returns the best of 3 times per row count, in ms. A count those would pad is padded only if
+        ``CONFIRM_STEPS`` more turns of it and the count above agree (``confirmed_pad_rows``).
+        Must run before any slot is in use.
         ``pad_rows`` overrides the choice (tests: throw-away rows on or off whatever the timings say).
         """
         self._decode([SlotWork(0, [self._pad_token], 0, True)])  # the first call allocates
         lc.llama_memory_seq_rm(self.memory, 0, -1, -1)
         if self._head is not None:
             self._head_on, self.head_status = self._choose_kernel(self._head)
-        step_ms: dict[int, float] = {}
-        for rows in range(1, self.slots + 1):
-            work = [SlotWork(slot, [self._pad_token], 0, True) for slot in range(rows)]
-            best = math.inf
-            for _ in range(3):
-                started = time.perf_counter()
-                self._decode(work)
-                best = min(best, time.perf_counter() - started)
-                for slot in range(rows):
-                    lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
-            step_ms[rows] = 1000 * best
-        self._pad_rows = rows_to_pad(step_ms) if pad_rows is None else pad_rows
+        step_ms = {rows: min(self._step_ms(rows) for _ in range(3)) for rows in range(1, self.slots + 1)}
+        if pad_rows is None:
+            candidates = rows_to_pad(step_ms)
+            samples: dict[int, list[float]] = {rows: [] for rows in candidates | {rows + 1 for rows in candidates}}
+            for turn in range(CONFIRM_STEPS if candidates else 0):
+                for rows in sorted(samples, reverse=turn % 2 == 1):
+                    samples[rows].append(self._step_ms(rows))
+            pad_rows = confirmed_pad_rows(candidates, samples)
+            self.unconfirmed_pad_rows = candidates - pad_rows
+        self._pad_rows = pad_rows
         return step_ms
+
+    def _step_ms(self, rows: int) -> float:
+        """One step of one row in each of slots 0 to ``rows - 1``, timed in ms; the cells are removed after."""
+        work = [SlotWork(slot, [self._pad_token], 0, True) for slot in range(rows)]
+        started = time.perf_counter()
+        self._decode(work)
+        elapsed = time.perf_counter() - started
+        for slot in range(rows):
+            lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        return 1000 * elapsed
 
     def _decode(self, work: Sequence[SlotWork], head_mode: int | None = None) -> list[tuple[int, int]]:
         """One ``llama_decode``; returns (slot, batch index) of each row that asked for logits.
@@ -749,11 +761,14 @@ class LlamaEngine:
             self._info = None
             raise
         self._scheduler = scheduler
-        padded = sorted(backend.pad_rows)
+        padded, unconfirmed = sorted(backend.pad_rows), sorted(backend.unconfirmed_pad_rows)
         log.info(
-            "decode step by rows: %s ms%s; output product: %s; KV cache: %s; Q4_K/Q6_K matmul of 2+ rows: %s",
+            "decode step by rows: %s ms%s%s; output product: %s; KV cache: %s; Q4_K/Q6_K matmul of 2+ rows: %s",
             ", ".join(f"{rows}: {ms:.1f}" for rows, ms in step_ms.items()),
             f"; steps of {padded} rows get a throw-away row in a free slot (cheaper)" if padded else "",
+            f"; {unconfirmed} rows looked dearer than one more, but not when timed again (not padded)"
+            if unconfirmed
+            else "",
             backend.head_status,
             backend.kv_cache,
             backend.kq_matmul,
